@@ -1,0 +1,74 @@
+"""The one interface every feed-forward variant implements.
+
+A variant is an `nn.Module` built as ``cls(d_model, d_hidden, **options)`` whose keyword-only
+constructor arguments are its options (the model config's ``ffn_options`` are checked
+against that signature). Its ``forward(x)`` maps (..., d_model) to (..., d_model). After
+each forward, ``layer.aux`` describes that call: the auxiliary loss to add to the training
+objective (already weighted) and detached routing statistics. The model reads ``aux`` from
+each block after its forward; nothing is global.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FFNAux:
+    """What one forward call of an FFN layer reports besides its output.
+
+    loss:  scalar tensor to add to the objective (weights already applied), or None.
+    stats: detached tensors for logging, e.g. ``sigma_mean`` (scalar) or
+           ``block_usage`` (n_blocks,), the fraction of tokens that used each block.
+    """
+
+    loss: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FFNLayer(nn.Module):
+    """Base class: holds the sizes, the last call's `aux`, and the accounting hooks."""
+
+    def __init__(self, d_model: int, d_hidden: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.d_hidden = d_hidden
+        self.aux = FFNAux()
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        """GPT-2 initialisation: weights ~ N(0, std), the output projection ~ N(0, out_std)
+        (the model passes std / sqrt(2 · n_layer) there), biases zero."""
+        raise NotImplementedError
+
+    def active_parameters(self, n_samples: int = 1) -> float:
+        """Parameters one token touches. With K > 1 routing samples this is the expected
+        union over samples, bounded above where it cannot be known without data."""
+        raise NotImplementedError
+
+    def flops_per_token(self, n_samples: int = 1) -> float:
+        """Forward multiply-adds × 2 for one token (matmuls only)."""
+        raise NotImplementedError
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (tanh approximation), shared by every variant so they stay comparable."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 for softmax and log-sum-exp; keep fp32 and fp64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def init_normal_(tensor: torch.Tensor, std: float) -> None:
+    with torch.no_grad():
+        tensor.normal_(0.0, std)
+
+
+def count_kept(fraction: float, n: int) -> int:
+    """ceil(fraction · n), immune to float noise such as 0.3 · 10 = 3.0000000000000004."""
+    return max(1, math.ceil(round(fraction * n, 9)))

@@ -1,0 +1,222 @@
+"""∞-MoE: a mixture of experts whose expert index z is continuous (arXiv 2601.17680).
+
+A Gaussian router gives p(z | x) = N(μ(x), diag σ(x)²). Each sample z_k = μ + σ ⊙ ε_k
+scores the H/B blocks of one large FFN (s = A z + c); the top ceil(N · H/B) blocks are kept
+and gated by g(s), the others are exactly zero. The K samples are averaged into one mask
+m̄ = mean_k m(z_k), applied once: y = W_out (m̄ ⊙ GELU(W_in x + b_in)) + b_out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infmoe.errors import choose, divisor, invalid, positive_int, real
+from infmoe.layers.base import FFNAux, FFNLayer, count_kept, gelu, init_normal_
+
+MODES = ("sample", "mean")
+GATES = ("sigmoid", "softmax", "constant")
+
+
+class InfiniteMoE(FFNLayer):
+    """∞-MoE feed-forward layer: x (..., d_model) → (..., d_model).
+
+    Args:
+        d_model: model width d.
+        d_hidden: width H of the one large FFN (the paper uses 2 × the dense width).
+        d_z: dimension of the continuous expert index z.
+        active_fraction: N, the fraction of blocks each sample keeps, in (0, 1].
+        block_size: B, hidden units per block; H must be divisible by B. 1 = per unit.
+        n_samples: K, samples of z averaged per token (mode "sample"); changeable later.
+        mode: "sample" draws z ~ p(z|x); "mean" uses z = μ(x) (deterministic, one mask).
+        gate: weight of a kept block from its score s: "sigmoid" σ(s); "softmax" over the
+            kept scores, scaled so the gates sum to the number kept; "constant" 1 (no
+            gradient reaches the router through the output).
+        sigma_min: floor added to σ = softplus(·) so sampling never collapses to a point.
+        kl_weight: weight of KL(p(z|x) || N(0, I)) (mean over tokens) in ``aux.loss``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        *,
+        d_z: int,
+        active_fraction: float = 0.5,
+        block_size: int = 1,
+        n_samples: int = 1,
+        mode: str = "sample",
+        gate: str = "sigmoid",
+        sigma_min: float = 0.01,
+        kl_weight: float = 0.0,
+    ) -> None:
+        super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
+        self.d_z = positive_int("d_z", d_z)
+        self.block_size = divisor("block_size", block_size, d_hidden, "d_hidden")
+        self.n_blocks = d_hidden // block_size
+        self.active_fraction = real("active_fraction", active_fraction, low=0, high=1, open_low=True)
+        self.n_kept = count_kept(active_fraction, self.n_blocks)
+        self.gate = choose("gate", gate, GATES)
+        self.sigma_min = real("sigma_min", sigma_min, low=0)
+        self.kl_weight = real("kl_weight", kl_weight, low=0)
+        self.n_samples = n_samples
+        self.mode = mode
+
+        self.router = nn.Linear(d_model, 2 * d_z)  # → (μ, pre-softplus σ)
+        self.score = nn.Linear(d_z, self.n_blocks)  # z → one score per block
+        # Both projections stored (H, d) so a block is a contiguous slice of rows.
+        self.w_in = nn.Parameter(torch.empty(d_hidden, d_model))
+        self.b_in = nn.Parameter(torch.empty(d_hidden))
+        self.w_out = nn.Parameter(torch.empty(d_hidden, d_model))
+        self.b_out = nn.Parameter(torch.empty(d_model))
+        self.reset_parameters()
+
+    # K and mode are validated on every assignment, so a built model can be retuned safely.
+    @property
+    def n_samples(self) -> int:
+        return self._n_samples
+
+    @n_samples.setter
+    def n_samples(self, value: int) -> None:
+        self._n_samples = positive_int("n_samples", value)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = choose("mode", value, MODES)
+
+    def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        init_normal_(self.router.weight, std)
+        nn.init.zeros_(self.router.bias)
+        # Unit-variance scores for unit-variance z, so sampling noise moves the masks.
+        init_normal_(self.score.weight, self.d_z**-0.5)
+        nn.init.zeros_(self.score.bias)
+        init_normal_(self.w_in, std)
+        init_normal_(self.w_out, std if out_std is None else out_std)
+        nn.init.zeros_(self.b_in)
+        nn.init.zeros_(self.b_out)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, d) → μ, σ, each (T, d_z)."""
+        mu, pre_sigma = self.router(x).chunk(2, dim=-1)
+        return mu, F.softplus(pre_sigma) + self.sigma_min
+
+    def masks(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route x (T, d).
+
+        Returns (index, gate, mu, sigma): index (K, T, n_kept) the kept blocks of each
+        sample, gate (K, T, n_kept) their weights already divided by K, and μ, σ (T, d_z).
+        noise (K, T, d_z) replaces the standard-normal draw ε; K is then noise.shape[0].
+        """
+        mu, sigma = self.route(x)
+        if self.mode == "mean":
+            if noise is not None:
+                raise invalid("noise", "tensor", 'mode="mean" draws no noise; pass None')
+            z = mu.unsqueeze(0)
+        else:
+            if noise is None:
+                noise = torch.randn((self.n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+            z = mu + sigma * noise
+        top_score, index = self.score(z).topk(self.n_kept, dim=-1, sorted=False)
+        if self.gate == "sigmoid":
+            gate = torch.sigmoid(top_score)
+        elif self.gate == "softmax":
+            gate = top_score.softmax(dim=-1) * self.n_kept
+        else:
+            gate = torch.ones_like(top_score)
+        return index, gate / z.shape[0], mu, sigma
+
+    def mean_mask(self, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """index, gate (K, T, n_kept) → m̄ (T, n_blocks): the K gated masks summed (gates
+        already carry 1/K), zero outside the union of kept blocks."""
+        k, t, n = index.shape
+        flat_index = index.transpose(0, 1).reshape(t, k * n)
+        flat_gate = gate.transpose(0, 1).reshape(t, k * n)
+        zeros = flat_gate.new_zeros(t, self.n_blocks)
+        return zeros.scatter_add(1, flat_index, flat_gate)
+
+    def masked_ffn(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reference path: the whole large FFN, then the mask. x (T, d), mask (T, n_blocks)."""
+        h = gelu(F.linear(x, self.w_in, self.b_in))
+        h = (h.view(-1, self.n_blocks, self.block_size) * mask.unsqueeze(-1)).flatten(1)
+        return h @ self.w_out + self.b_out
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., d_model) → (..., d_model). noise (K, ..., d_z) fixes the draws ε."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.d_model)
+        if noise is not None:
+            noise = noise.reshape(noise.shape[0], -1, self.d_z)
+        index, gate, mu, sigma = self.masks(x2, noise)
+        y = self.masked_ffn(x2, self.mean_mask(index, gate))
+        self.aux = self._report(index, mu, sigma)
+        return y.reshape(*lead, self.d_model)
+
+    def _report(self, index: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> FFNAux:
+        kl = 0.5 * (sigma.square() + mu.square() - 1 - 2 * sigma.log()).sum(-1).mean()
+        with torch.no_grad():
+            t = index.shape[1]
+            chosen = torch.zeros(t, self.n_blocks, dtype=torch.bool, device=index.device)
+            chosen.scatter_(1, index.transpose(0, 1).reshape(t, -1), True)
+            usage = chosen.float().mean(0)
+            stats = {
+                "sigma_mean": sigma.detach().mean(),
+                "kl": kl.detach(),
+                "union_fraction": usage.mean(),  # blocks a token uses, over its K samples
+                "used_fraction": (usage > 0).float().mean(),  # blocks some token used
+                "block_usage": usage,
+            }
+        return FFNAux(loss=self.kl_weight * kl if self.kl_weight > 0 else None, stats=stats)
+
+    def union_fraction_bound(self, n_samples: int) -> float:
+        """Upper bound on the expected fraction of blocks in the union of K masks.
+
+        Each block is kept with probability p_b(x) per sample, and Σ_b E[p_b] = n_kept, so
+        by Jensen E[1 - (1 - p)^K] <= 1 - (1 - n_kept / n_blocks)^K; equality for
+        independent, uniform masks. K = 1 (and mode "mean") is exact.
+        """
+        return 1 - (1 - self.n_kept / self.n_blocks) ** n_samples
+
+    def active_parameters(self, n_samples: int = 1) -> float:
+        per_unit = 2 * self.d_model + 1  # a row of w_in, its bias, a row of w_out
+        dense_part = sum(p.numel() for p in (self.router.weight, self.router.bias, self.b_out))
+        dense_part += self.score.weight.numel() + self.score.bias.numel()
+        return dense_part + self.union_fraction_bound(n_samples) * self.d_hidden * per_unit
+
+    def flops_per_token(self, n_samples: int = 1) -> float:
+        router = 2 * self.d_model * 2 * self.d_z
+        scores = n_samples * 2 * self.d_z * self.n_blocks
+        expert = self.union_fraction_bound(n_samples) * 2 * 2 * self.d_model * self.d_hidden
+        return router + scores + expert
+
+
+@contextlib.contextmanager
+def sampling(
+    module: nn.Module, n_samples: int | None = None, mode: str | None = None
+) -> Iterator[nn.Module]:
+    """Temporarily set K and/or mode on every ∞-MoE layer in `module`; weights untouched.
+
+    >>> with sampling(model, n_samples=4):
+    ...     logits = model(idx).logits
+    """
+    layers = [m for m in module.modules() if isinstance(m, InfiniteMoE)]
+    saved = [(m.n_samples, m.mode) for m in layers]
+    try:
+        for m in layers:
+            if n_samples is not None:
+                m.n_samples = n_samples
+            if mode is not None:
+                m.mode = mode
+        yield module
+    finally:
+        for m, (k, md) in zip(layers, saved):
+            m.n_samples, m.mode = k, md

@@ -1,0 +1,211 @@
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infmoe import ConfigError, DenseMLP, InfiniteMoE, sampling
+
+D, H, DZ = 8, 24, 4
+
+
+def make(**kw) -> InfiniteMoE:
+    torch.manual_seed(0)
+    opts = dict(d_z=DZ) | kw
+    return InfiniteMoE(opts.pop("d_model", D), opts.pop("d_hidden", H), **opts).double()
+
+
+def reference(layer: InfiniteMoE, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Slow per-token, per-sample, per-unit ∞-MoE written from the paper's formulas."""
+    out = torch.empty_like(x)
+    k_samples = noise.shape[0]
+    for t in range(x.shape[0]):
+        router = layer.router.weight @ x[t] + layer.router.bias
+        mu, sigma = router[: layer.d_z], F.softplus(router[layer.d_z :]) + layer.sigma_min
+        unit_weight = torch.zeros(layer.d_hidden, dtype=x.dtype)
+        for k in range(k_samples):
+            z = mu + sigma * noise[k, t]
+            scores = layer.score.weight @ z + layer.score.bias
+            kept = sorted(range(layer.n_blocks), key=lambda b: -scores[b].item())[: layer.n_kept]
+            kept_scores = scores[kept]
+            gates = {
+                "sigmoid": torch.sigmoid(kept_scores),
+                "softmax": torch.exp(kept_scores) / torch.exp(kept_scores).sum() * len(kept),
+                "constant": torch.ones(len(kept), dtype=x.dtype),
+            }[layer.gate]
+            for b, gate in zip(kept, gates):
+                for u in range(b * layer.block_size, (b + 1) * layer.block_size):
+                    unit_weight[u] += gate / k_samples
+        h = F.gelu(layer.w_in @ x[t] + layer.b_in, approximate="tanh")
+        out[t] = layer.w_out.T @ (unit_weight * h) + layer.b_out
+    return out
+
+
+@pytest.mark.parametrize(
+    "d_hidden,block_size,fraction",
+    [(24, 1, 0.5), (24, 4, 0.5), (24, 3, 0.3), (10, 1, 0.3), (24, 1, 1.0), (24, 6, 0.01), (24, 2, 0.7)],
+)
+def test_keeps_exactly_ceil_fraction_of_blocks_per_sample(d_hidden, block_size, fraction):
+    layer = make(d_hidden=d_hidden, block_size=block_size, active_fraction=fraction)
+    n_blocks = d_hidden // block_size
+    expected = math.ceil(Fraction(fraction).limit_denominator(1000) * n_blocks)
+    assert layer.n_kept == expected
+    x = torch.randn(50, D, dtype=torch.float64)
+    index, gate, _, _ = layer.masks(x, torch.randn(3, 50, DZ, dtype=torch.float64))
+    assert index.shape == (3, 50, expected)
+    # distinct blocks within each sample, so the mask of one sample has exactly n_kept blocks
+    assert (index.sort(dim=-1).values.diff(dim=-1) > 0).all()
+    one_sample = layer.mean_mask(index[:1], gate[:1] * 3)
+    assert ((one_sample != 0).sum(dim=-1) == expected).all()
+
+
+def test_float_noise_does_not_inflate_the_kept_count():
+    # 0.3 * 10 == 3.0000000000000004 in floating point; a naive ceil keeps 4 blocks.
+    assert make(d_hidden=10, active_fraction=0.3).n_kept == 3
+
+
+def test_k_sample_output_is_mean_of_one_sample_outputs_with_same_noise():
+    layer = make(d_hidden=H, block_size=2)
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    noise = torch.randn(4, 2, 7, DZ, dtype=torch.float64)
+    together = layer(x, noise)
+    separate = torch.stack([layer(x, noise[k : k + 1]) for k in range(4)]).mean(0)
+    torch.testing.assert_close(together, separate, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("k", [1, 3])
+def test_matches_slow_per_unit_reference(block_size, k, gate):
+    layer = make(block_size=block_size, gate=gate)
+    x = torch.randn(6, D, dtype=torch.float64)
+    noise = torch.randn(k, 6, DZ, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, noise), reference(layer, x, noise), rtol=0, atol=1e-12)
+
+
+def test_constant_gate_reference_and_full_fraction_equals_dense_mlp_of_width_h():
+    layer = make(active_fraction=1.0, gate="constant", n_samples=3)
+    dense = DenseMLP(D, H).double()
+    with torch.no_grad():
+        dense.c_fc.weight.copy_(layer.w_in)
+        dense.c_fc.bias.copy_(layer.b_in)
+        dense.c_proj.weight.copy_(layer.w_out.T)
+        dense.c_proj.bias.copy_(layer.b_out)
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x), rtol=0, atol=1e-12)
+    noise = torch.randn(2, 4, DZ, dtype=torch.float64)
+    torch.testing.assert_close(layer(x[0, :4], noise), reference(layer, x[0, :4], noise), rtol=0, atol=1e-12)
+
+
+def test_gradients_reach_mu_sigma_and_score_map():
+    layer = make(block_size=3, n_samples=2)
+    layer(torch.randn(10, D, dtype=torch.float64)).square().sum().backward()
+    mu_rows, sigma_rows = layer.router.weight.grad[:DZ], layer.router.weight.grad[DZ:]
+    for name, grad in [("mu", mu_rows), ("sigma", sigma_rows), ("score.weight", layer.score.weight.grad),
+                       ("score.bias", layer.score.bias.grad), ("w_in", layer.w_in.grad), ("w_out", layer.w_out.grad)]:
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_constant_gate_sends_no_gradient_to_router_without_kl():
+    layer = make(gate="constant")
+    layer(torch.randn(10, D, dtype=torch.float64)).sum().backward()
+    assert layer.router.weight.grad is None or layer.router.weight.grad.abs().sum() == 0
+
+
+def test_mean_mode_is_deterministic_and_sample_mode_is_not_unless_seeded():
+    layer = make(n_samples=2)
+    x = torch.randn(16, D, dtype=torch.float64)
+    assert not torch.equal(layer(x), layer(x))
+    torch.manual_seed(5)
+    first = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(first, layer(x))
+    layer.mode = "mean"
+    assert torch.equal(layer(x), layer(x))
+    # mean mode uses z = mu: identical to a sample with zero noise
+    layer.mode = "sample"
+    torch.testing.assert_close(layer(x, torch.zeros(1, 16, DZ, dtype=torch.float64)),
+                               make(n_samples=2, mode="mean")(x), rtol=0, atol=1e-12)
+
+
+def test_n_samples_and_mode_change_on_a_built_layer_and_context_manager_restores():
+    layer = make()
+    weights = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.n_samples = 4
+    x = torch.randn(5, D, dtype=torch.float64)
+    layer(x)
+    assert layer.aux.stats["union_fraction"] > layer.n_kept / layer.n_blocks  # 4 masks, bigger union
+    module = torch.nn.Sequential(layer)
+    with sampling(module, n_samples=8, mode="mean"):
+        assert (layer.n_samples, layer.mode) == (8, "mean")
+    assert (layer.n_samples, layer.mode) == (4, "sample")
+    with pytest.raises(ConfigError, match="n_samples"):
+        with sampling(module, n_samples=0):
+            pass
+    assert layer.n_samples == 4
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, weights[k])
+
+
+def test_kl_term_matches_torch_distributions():
+    layer = make(kl_weight=0.25)
+    x = torch.randn(9, D, dtype=torch.float64)
+    layer(x)
+    mu, sigma = layer.route(x)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)
+    ).sum(-1).mean()
+    torch.testing.assert_close(layer.aux.loss, 0.25 * expected)
+    assert make(kl_weight=0.0).aux.loss is None
+
+
+def test_stats_describe_the_last_call():
+    layer = make(block_size=2)
+    layer(torch.randn(40, D, dtype=torch.float64))
+    stats = layer.aux.stats
+    assert stats["union_fraction"].item() == pytest.approx(layer.n_kept / layer.n_blocks)
+    assert stats["block_usage"].shape == (layer.n_blocks,)
+    assert stats["block_usage"].sum().item() == pytest.approx(layer.n_kept)
+    assert 0 < stats["used_fraction"] <= 1
+    assert stats["sigma_mean"] > layer.sigma_min
+    assert not any(v.requires_grad for v in stats.values())
+
+
+def test_any_leading_shape():
+    layer = make()
+    for shape in [(D,), (3, D), (2, 3, D), (2, 1, 3, D)]:
+        assert layer(torch.randn(shape, dtype=torch.float64)).shape == shape
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(block_size=5), "block_size"),
+        (dict(block_size=0), "block_size"),
+        (dict(active_fraction=0.0), "active_fraction"),
+        (dict(active_fraction=1.5), "active_fraction"),
+        (dict(active_fraction=-0.1), "active_fraction"),
+        (dict(n_samples=0), "n_samples"),
+        (dict(n_samples=2.5), "n_samples"),
+        (dict(mode="median"), "mode"),
+        (dict(gate="relu6"), "gate"),
+        (dict(d_z=0), "d_z"),
+        (dict(sigma_min=-1.0), "sigma_min"),
+        (dict(kl_weight=-1.0), "kl_weight"),
+    ],
+)
+def test_bad_options_raise_one_clear_error_at_construction(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        make(**kwargs)
+    message = str(err.value)
+    assert message.startswith(field + "=") and "\n" not in message
+
+
+def test_bad_values_rejected_on_a_built_layer():
+    layer = make()
+    with pytest.raises(ConfigError, match="'sample', 'mean'"):
+        layer.mode = "greedy"
+    with pytest.raises(ConfigError, match="n_samples"):
+        layer.n_samples = -1
+    assert (layer.n_samples, layer.mode) == (1, "sample")

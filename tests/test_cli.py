@@ -1,0 +1,60 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from infmoe.cli import main, parse_overrides
+
+
+def test_params_table_lists_requested_configs(capsys):
+    assert main(["params", "gpt2-small-infmoe", "gpt2-small-dense"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2-small-infmoe" in out and "185.60M" in out and "128.94M" in out
+    assert "124.44M" in out and "≤" in out
+
+
+def test_params_json_and_overrides(capsys):
+    assert main(["params", "tiny-infmoe", "--json", "--n_layer", "2", "--samples", "1,8"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["name"] == "tiny-infmoe" and set(row["active"]) == {"1", "8"}
+    assert main(["params", "tiny-infmoe", "--json"]) == 0
+    (full,) = json.loads(capsys.readouterr().out)
+    assert row["total"] < full["total"]  # --n_layer 2 took effect
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["params", "gpt3"], "unknown config 'gpt3'"),
+        (["params", "--bogus", "3", "tiny-dense"], "unknown config key 'bogus'"),
+        (["params", "tiny-infmoe", "--block_size", "7"], "block_size=7"),
+        (["params", "tiny-infmoe", "--active_fraction", "1.5"], "active_fraction=1.5"),
+        (["params", "tiny-dense", "--samples", "0"], "K must be >= 1"),
+        (["params", "tiny-dense", "--n_layer"], "has no value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_argparse_mistakes_are_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["frobnicate"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and err.count("\n") == 1
+
+
+def test_override_values_are_typed():
+    assert parse_overrides(["--d_z", "32", "--capacity-factor=null", "--gate", "softmax", "--kl_weight", "1e-3"]) == {
+        "d_z": 32, "capacity_factor": None, "gate": "softmax", "kl_weight": 1e-3}
+
+
+def test_console_script_is_installed():
+    script = shutil.which("infmoe")
+    assert script, "the `infmoe` console script is missing: pip install -e ."
+    done = subprocess.run([script, "params", "tiny-dense"], capture_output=True, text=True)
+    assert done.returncode == 0 and "tiny-dense" in done.stdout
