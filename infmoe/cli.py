@@ -6,18 +6,37 @@ Bad input (any `InfmoeError`, or an argparse mistake) prints one line and exits 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
-from collections.abc import Sequence
+from pathlib import Path
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
+import torch
+
+from infmoe.checkpoint import load_checkpoint, save_checkpoint
+from infmoe.evaluation.tasks import TASKS
+from infmoe.data import prepare, unigram_loss
 from infmoe.errors import ConfigError, InfmoeError
+from infmoe.evaluation import plot_sweep, sweep_samples
+from infmoe.generation import check_sampling_args, generate
+from infmoe.io import write_text
+from infmoe.layers import InfiniteMoE
 from infmoe.models import config_names, get_config
+from infmoe.randomness import seeded
 from infmoe.params import parameter_report
+from infmoe.training import TrainConfig, resolve, train
+from infmoe.training.batches import eval_batches
+from infmoe.training.loop import pick_device, tokenizer_files
+
+TASK_NAMES = list(TASKS)
+BOOLEAN_SETTINGS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,21 +44,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(tokens: Sequence[str], flags: Collection[str] = ()) -> dict[str, Any]:
     """``--key value`` or ``--key=value`` pairs → {key: value}, values typed as YAML
-    scalars (``--d_z 32`` gives 32, ``--capacity_factor null`` gives None)."""
+    scalars (``--d_z 32`` gives 32, ``--capacity_factor null`` gives None). Keys in
+    `flags` may stand alone and then mean true (``--resume``)."""
     out: dict[str, Any] = {}
     tokens = list(tokens)
     while tokens:
         token = tokens.pop(0)
         if not token.startswith("--") or len(token) == 2:
-            raise ConfigError(f"unexpected argument {token!r}: config overrides look like --key value")
+            raise ConfigError(f"unexpected argument {token!r}: options look like --key value")
         key, eq, value = token[2:].partition("=")
+        key = key.replace("-", "_")
         if not eq:
-            if not tokens or tokens[0].startswith("--"):
-                raise ConfigError(f"config override --{key} has no value: write --{key} VALUE")
-            value = tokens.pop(0)
-        out[key.replace("-", "_")] = _scalar(value)
+            if key in flags and (not tokens or tokens[0].startswith("--")):
+                value = "true"
+            elif not tokens or tokens[0].startswith("--"):
+                raise ConfigError(f"option --{key} has no value: write --{key} VALUE")
+            else:
+                value = tokens.pop(0)
+        out[key] = _scalar(value)
     return out
 
 
@@ -73,7 +97,145 @@ def cmd_params(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         mark = {k: "" if r.exact[k] else "≤" for k in samples}
         table.add_row(r.name, r.ffn, _si(r.total), *(mark[k] + _si(r.active[k]) for k in samples),
                       *(mark[k] + _si(r.flops[k]) for k in samples))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    _console().print(table)
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    data = prepare(args.data, cache_dir=args.cache_dir, tokenizer=args.tokenizer, vocab_size=args.tokenizer_vocab,
+                   encoding_errors=args.encoding_errors, progress=not args.quiet)
+    table = Table(title=f"prepared {args.data}" + (" (cached)" if data.cached else ""), show_header=False)
+    for key, value in [("folder", str(data.directory)), ("tokenizer", data.tokenizer.name),
+                       ("vocabulary", f"{data.vocab_size:,}"), ("train tokens", f"{len(data.train):,}"),
+                       ("valid tokens", f"{len(data.valid):,}"),
+                       ("unigram loss (valid)", f"{unigram_loss(data.train, data.valid, data.vocab_size):.4f}")]:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    cfg, model_config = resolve(overrides)
+    result = train(cfg, model_config)
+    if result.rank != 0:
+        return 0
+    if result.interrupted_by:
+        print(f"stopped by {result.interrupted_by} at step {result.step}; checkpoint saved to {result.checkpoint}; "
+              f"continue with: infmoe train --out_dir {cfg.out_dir} --resume ...", file=sys.stderr)
+        return 130 if result.interrupted_by == "SIGINT" else 143
+    if result.val_loss is not None:
+        print(f"final validation loss {result.val_loss:.4f} (perplexity {math.exp(result.val_loss):.2f}); "
+              f"unigram baseline {result.unigram_loss:.4f}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    samples = _int_list("--samples", args.samples)
+    model, tokenizer, trained_on = load_for_inference(args.checkpoint, args.device)
+    source = args.data or trained_on
+    if source is None:
+        raise ConfigError(f"{args.checkpoint} does not name its training data: pass --data SOURCE")
+    data = prepare(source, cache_dir=args.cache_dir, tokenizer=tokenizer, encoding_errors=args.encoding_errors,
+                   progress=False)
+    seq_len = args.seq_len or model.config.n_ctx
+    batches = eval_batches(data.valid, seq_len, args.batch_size, args.tokens)
+    device = next(model.parameters()).device
+    routed = any(isinstance(f, InfiniteMoE) for f in model.ffn_layers())
+    rows = sweep_samples(model, batches, device, samples=samples if routed else [1],
+                         include_mean=routed and args.mode in ("mean", "both"),
+                         include_sample=args.mode in ("sample", "both") or not routed, seed=args.seed)
+    table = Table(title=f"{args.checkpoint} on {source} (validation, {sum(y.numel() for _, y in batches):,} tokens)")
+    for column in ("setting", "loss", "perplexity", "ms/token"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.ms_per_token:.4f}")
+    _console().print(table)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"
+    report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": sum(y.numel() for _, y in batches),
+              "device": str(device), "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows]}
+    write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    plot_sweep(rows, out.with_suffix(".png"), title=f"{Path(args.checkpoint).name}: K at inference")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
+    if args.samples is not None or args.mode is not None:
+        for layer in model.ffn_layers():
+            if isinstance(layer, InfiniteMoE):
+                layer.n_samples = args.samples or layer.n_samples
+                layer.mode = args.mode or layer.mode
+    prompt = tokenizer.encode(args.prompt)
+    ids: list[int] = []
+    shown = ""
+    sys.stdout.write(args.prompt)
+    for token in generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token=tokenizer.eot_id):
+        if token == tokenizer.eot_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # hold back a character whose bytes are still incomplete
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
+
+
+def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from infmoe.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.hf)
+    print(f"wrote a Hugging Face folder to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          "trust_remote_code=True)")
+
+
+def cmd_upcycle(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from infmoe.hf import upcycle_to_infmoe
+
+    model, tokenizer, _ = load_for_inference(args.model, "cpu")
+    with seeded(args.seed):
+        upcycled = upcycle_to_infmoe(model, **{"d_z": 48, **overrides})
+    save_checkpoint(args.out, upcycled, tokenizer_files=tokenizer_files(tokenizer),
+                    state={"upcycled_from": str(args.model)})
+    print(f"wrote {args.out}: ∞-MoE with H = {upcycled.config.ffn_hidden}; continue training with "
+          f"infmoe train --init_from {args.out} --data ...")
+
+
+def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from infmoe.evaluation.tasks import load_task
+    from infmoe.evaluation.zeroshot import evaluate_task
+
+    model, tokenizer, _ = load_for_inference(args.model, args.device)
+    requests = load_task(args.task, args.data, limit=args.limit)
+    result = evaluate_task(model, tokenizer, requests, batch_size=args.batch_size, n_samples=args.samples,
+                           mode=args.mode, seed=args.seed, progress=True)
+    table = Table(title=f"{args.task}: {result['n']} items from {args.data}")
+    for column in ("metric", "value", "stderr"):
+        table.add_column(column, justify="right")
+    for metric in ("acc", "acc_norm"):
+        if metric in result:
+            table.add_row(metric, f"{result[metric]:.4f}", f"{result[metric + '_stderr']:.4f}")
+    _console().print(table)
+    if args.out:
+        summary = {k: v for k, v in result.items() if k != "predictions"}
+        write_text(args.out, json.dumps({"model": str(args.model), "task": args.task, "data": str(args.data),
+                                         **summary}, indent=2) + "\n")
+
+
+def load_for_inference(path: str, device: str):
+    """(model in eval mode on `device`, tokenizer, training data source or None) from an
+    infmoe checkpoint file, an infmoe export folder, or a Hugging Face GPT-2 folder."""
+    from infmoe.hf import load_model_and_tokenizer
+
+    source = None
+    if Path(path).is_file():
+        source = load_checkpoint(path).state.get("data", {}).get("source")
+    model, tokenizer = load_model_and_tokenizer(path)
+    return model.to(pick_device(device)).eval(), tokenizer, source
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -95,8 +257,96 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="*", help=f"config names or .json/.yaml files (default: all of {', '.join(config_names())})")
     p.add_argument("--samples", default="1,2,4", help="routing samples K to report, e.g. 1,2,4")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(handler=cmd_params)
+    p.set_defaults(handler=cmd_params, overrides=True)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into the cache (train does this itself)",
+                       description="Tokenize a corpus to memory-mapped token files, reusing the cache when it exists.")
+    _data_arguments(p)
+    p.add_argument("--tokenizer", default="auto", choices=("auto", "gpt2", "bpe"))
+    p.add_argument("--tokenizer_vocab", "--tokenizer-vocab", type=int, default=4096, help="size of a trained BPE")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_prepare, overrides=False, data="embedded")
+
+    p = sub.add_parser("train", help="train a model (default: tiny-infmoe on the embedded corpus)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a model. Every setting is a --key value pair: the training settings "
+                                   "below, or any model config field or FFN option (e.g. --n_layer 6 --d_z 32).",
+                       epilog="training settings (default):\n" + "\n".join(
+                           f"  --{f.name:<18} {f.default!r}" for f in dataclasses.fields(TrainConfig)))
+    p.set_defaults(handler=cmd_train, overrides=True)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and ms/token for each K",
+                       description="Evaluate a checkpoint on a validation split for each number of samples K "
+                                   "(and mean mode), timing each in the same run; writes JSON and a PNG plot.")
+    _model_argument(p)
+    _data_arguments(p)
+    p.add_argument("--samples", default="1,2,4,8", help="values of K, e.g. 1,2,4,8")
+    p.add_argument("--mode", default="both", choices=("sample", "mean", "both"))
+    p.add_argument("--tokens", type=int, default=131072, help="validation tokens to evaluate (from the start)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="default: the model's n_ctx")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="output path prefix for .json and .png (default: <checkpoint folder>/eval)")
+    p.set_defaults(handler=cmd_eval, overrides=False)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed)",
+                       description="Generate text after a prompt, streaming it to the terminal.")
+    _model_argument(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--samples", type=int, default=None, help="∞-MoE samples K (default: as trained)")
+    p.add_argument("--mode", default=None, choices=("sample", "mean"))
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", "--top-k", type=int, default=None)
+    p.add_argument("--top_p", "--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=cmd_generate, overrides=False)
+
+    p = sub.add_parser("zeroshot", help="zero-shot multiple-choice accuracy (HellaSwag, PIQA, ARC, ...)",
+                       description="Score each choice by its log-likelihood, as lm-evaluation-harness does; "
+                                   "report acc (and acc_norm, length-normalised) with standard errors.")
+    _model_argument(p, "model")
+    p.add_argument("--task", required=True, help="one of " + ", ".join(TASK_NAMES))
+    p.add_argument("--data", required=True, help="the task's jsonl file in its original record layout")
+    p.add_argument("--samples", type=int, default=None, help="∞-MoE samples K (default: as trained)")
+    p.add_argument("--mode", default=None, choices=("sample", "mean"))
+    p.add_argument("--batch_size", "--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+    p.set_defaults(handler=cmd_zeroshot, overrides=False)
+
+    p = sub.add_parser("export", help="write a checkpoint in Hugging Face format (config.json + safetensors)",
+                       description="Write config.json, model.safetensors, the tokenizer and the modeling code, "
+                                   "loadable with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).")
+    _model_argument(p)
+    p.add_argument("--hf", required=True, metavar="DIR", help="output folder (new, empty, or an earlier export)")
+    p.set_defaults(handler=cmd_export, overrides=False)
+
+    p = sub.add_parser("upcycle", help="turn a dense model into an ∞-MoE starting point",
+                       description="Build an ∞-MoE model with H = 2 x the dense width whose first half of each "
+                                   "FFN is the dense FFN; trailing --key value pairs set ∞-MoE options "
+                                   "(default --d_z 48).")
+    _model_argument(p, "model")
+    p.add_argument("--out", required=True, help="the checkpoint file to write")
+    p.add_argument("--seed", type=int, default=0, help="seed for the fresh weights")
+    p.set_defaults(handler=cmd_upcycle, overrides=True)
     return parser
+
+
+def _model_argument(p: argparse.ArgumentParser, name: str = "checkpoint") -> None:
+    p.add_argument(name, help="an infmoe checkpoint file, an exported folder, or a Hugging Face GPT-2 folder")
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="a text file, a folder, a Hugging Face dataset name, or 'embedded' "
+                                   "(eval: default the checkpoint's training corpus)")
+    p.add_argument("--cache_dir", "--cache-dir", default=None, help="prepared-data cache folder")
+    p.add_argument("--encoding_errors", "--encoding-errors", default="strict", choices=("strict", "replace"),
+                   help="non-UTF-8 bytes: fail (strict) or become U+FFFD (replace)")
 
 
 def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -126,11 +376,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, rest = split_overrides(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
     try:
-        args.handler(args, parse_overrides(rest))
+        if rest and not args.overrides:
+            raise ConfigError(f"unknown option {rest[0].partition('=')[0]} (see infmoe {args.command} --help)")
+        status = args.handler(args, parse_overrides(rest, flags=BOOLEAN_SETTINGS))
     except InfmoeError as err:
         print(f"infmoe {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ class ConfigError(InfmoeError, ValueError):
     """An invalid layer option, model config field or config name."""
 
 
+class DataError(InfmoeError):
+    """A corpus that is missing, empty, unreadable, not text, or unreachable."""
+
+
+class CheckpointError(InfmoeError):
+    """A checkpoint that is missing, truncated, foreign, or does not fit the data."""
+
+
 def invalid(field: str, value: object, allowed: str) -> ConfigError:
     """`ConfigError` in the project's one shape: field, offending value, what is allowed."""
     return ConfigError(f"{field}={value!r} is invalid: {allowed}")

@@ -31,7 +31,7 @@ def test_params_json_and_overrides(capsys):
         (["params", "tiny-infmoe", "--block_size", "7"], "block_size=7"),
         (["params", "tiny-infmoe", "--active_fraction", "1.5"], "active_fraction=1.5"),
         (["params", "tiny-dense", "--samples", "0"], "K must be >= 1"),
-        (["params", "tiny-dense", "--n_layer"], "has no value"),
+        (["params", "tiny-dense", "--n_layer"], "--n_layer has no value"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):

@@ -105,6 +105,26 @@ class CausalLMOutput:
     aux_loss: torch.Tensor | None = None
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated for n_ctx positions.
+
+    keys[i], values[i]: (B, n_head, n_ctx, head_dim) for block i; `length` positions filled.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device=None, dtype=None) -> None:
+        shape = (batch_size, config.n_head, config.n_ctx, config.d_model // config.n_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+
+    def append(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_head, T, head_dim) after the filled positions; return all so far."""
+        end = self.length + k.shape[2]
+        self.keys[block][:, :, self.length : end] = k
+        self.values[block][:, :, self.length : end] = v
+        return self.keys[block][:, :, :end], self.values[block][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -113,13 +133,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d) → (B, T, d)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
+        """x (B, T, d) → (B, T, d). With a cache, x holds the T tokens after cache.length."""
         b, t, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (u.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for u in (q, k, v))
+        mask, causal = None, True
+        if cache is not None and cache.length > 0:
+            start = cache.length
+            k, v = cache.append(block, k, v)
+            # query i sits at position start + i and sees keys 0 .. start + i
+            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            causal = False
+        elif cache is not None:
+            cache.append(block, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -136,8 +165,8 @@ class Block(nn.Module):
             self.ffn = build_ffn("dense", config.d_model, 4 * config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, block: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), cache, block))
         return x + self.drop(self.ffn(self.ln_2(x)))
 
 
@@ -180,15 +209,24 @@ class GPT(nn.Module):
         """Distinct parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> CausalLMOutput:
-        """idx (B, T) token ids, T <= n_ctx; targets (B, T) next-token ids, -100 ignored."""
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> CausalLMOutput:
+        """idx (B, T) token ids; targets (B, T) next-token ids, -100 ignored.
+
+        With a `KVCache`, idx holds the tokens that follow the cached ones; the cache grows
+        by T. Positions in use (cached + T) must not exceed n_ctx.
+        """
+        start = cache.length if cache is not None else 0
         t = idx.shape[1]
-        if t > self.config.n_ctx:
-            raise invalid("sequence length", t, f"must be <= n_ctx={self.config.n_ctx}")
-        pos = torch.arange(t, device=idx.device)
+        if start + t > self.config.n_ctx:
+            raise invalid("sequence length", start + t, f"must be <= n_ctx={self.config.n_ctx}")
+        pos = torch.arange(start, start + t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += t
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return CausalLMOutput(logits)

@@ -129,3 +129,29 @@ def test_bad_config_fields_raise_one_clear_error(fields, message):
     with pytest.raises(ConfigError) as err:
         GPTConfig(**(TINY | fields))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe", "infmoe"])
+def test_kv_cache_gives_the_same_logits_as_the_full_pass(ffn):
+    from infmoe import KVCache
+
+    model = tiny(ffn).eval()
+    idx = batch(t=12)
+    with sampling(model, mode="mean"), torch.no_grad():
+        full = model(idx).logits
+        cache = KVCache(model.config, batch_size=3)
+        pieces = [model(idx[:, :5], cache=cache).logits]  # prefill, then one token at a time
+        pieces += [model(idx[:, i : i + 1], cache=cache).logits for i in range(5, 9)]
+        pieces.append(model(idx[:, 9:], cache=cache).logits)  # a chunk after cached tokens
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_rejects_overflow():
+    from infmoe import KVCache
+
+    model = tiny()
+    cache = KVCache(model.config, batch_size=1)
+    model(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.raises(ConfigError, match="n_ctx=16"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)

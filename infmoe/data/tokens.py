@@ -1,0 +1,81 @@
+"""Token files: flat arrays of little-endian token ids on disk, read back as memory maps.
+
+A split's file is every document's ids followed by ``<|endoftext|>``, in document order:
+``doc0 EOT doc1 EOT ...``; it has no header (its dtype and length are in meta.json).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from infmoe.data.tokenizer import Tokenizer
+from infmoe.errors import DataError
+
+CHUNK_DOCS = 512  # documents per encode_batch call: big enough to keep the Rust threads busy
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned little-endian dtype holding ids ``0 .. vocab_size - 1``:
+    uint16 up to 65,536 ids (GPT-2's 50,257 fit), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def write_tokens(
+    tokenizer: Tokenizer,
+    documents: Sequence[str],
+    path: Path,
+    *,
+    progress: bool = True,
+    desc: str = "tokenize",
+) -> int:
+    """Encode `documents` in chunks and write them to `path` as ``doc EOT doc EOT ...``
+    ids of dtype `token_dtype(tokenizer.vocab_size)`. Returns the number of tokens."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    count = 0
+    with (
+        open(path, "wb") as f,
+        tqdm(total=len(documents), desc=desc, unit="doc", disable=not progress) as bar,
+    ):
+        for start in range(0, len(documents), CHUNK_DOCS):
+            chunk = documents[start : start + CHUNK_DOCS]
+            eot = [tokenizer.eot_id]
+            ids = np.fromiter(
+                itertools.chain.from_iterable(
+                    itertools.chain(doc, eot) for doc in tokenizer.encode_batch(list(chunk))
+                ),
+                dtype=dtype,
+            )
+            f.write(ids.tobytes())
+            count += len(ids)
+            bar.update(len(chunk))
+    return count
+
+
+def open_tokens(path: Path, dtype: np.dtype | str, count: int) -> np.memmap:
+    """The token file `path` as a read-only 1-D memmap of `count` ids of `dtype`."""
+    return np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=(count,))
+
+
+def unigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy in nats/token of `valid` under the add-one-smoothed unigram
+    distribution counted on `train`: p(t) = (count_train(t) + 1) / (len(train) + vocab_size).
+
+    A baseline any language model must beat (log(vocab_size) is the uniform one).
+    `train` and `valid` are 1-D integer arrays with ids in ``[0, vocab_size)``.
+    """
+    for name, ids in (("train", train), ("valid", valid)):
+        if len(ids) and int(ids.max()) >= vocab_size:
+            raise DataError(
+                f"{name} holds token id {int(ids.max())} >= vocab_size={vocab_size}; "
+                f"the tokens and the tokenizer do not match, prepare the data again"
+            )
+    if len(valid) == 0:
+        raise DataError("the validation split is empty; give more text")
+    log_p = np.log(np.bincount(train, minlength=vocab_size) + 1.0) - np.log(len(train) + vocab_size)
+    valid_counts = np.bincount(valid, minlength=vocab_size)
+    return float(-(valid_counts * log_p).sum() / len(valid))

@@ -1,0 +1,273 @@
+"""The training loop: one function, `train`, from settings to a checkpoint.
+
+Randomness is re-seeded at every step from (seed, step, rank): a run resumed at step s
+draws exactly the noise and the batches the uninterrupted run drew, and every rank of a
+distributed run samples its own ∞-MoE noise, reproducibly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from infmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from infmoe.data import prepare, unigram_loss
+from infmoe.errors import CheckpointError, InfmoeError
+from infmoe.evaluation.perplexity import evaluate_loss
+from infmoe.io import check_writable
+from infmoe.models import GPT, GPTConfig
+from infmoe.randomness import derive_seed
+from infmoe.training.batches import WindowSampler, eval_batches
+from infmoe.training.config import TrainConfig
+from infmoe.training.distributed import (
+    World, all_reduce_sum, full_state, gradient_sync, init_world, load_optimizer_state, shutdown, wrap)
+from infmoe.training.metrics import MetricsLog, RoutingMonitor, describe
+from infmoe.training.optim import build_optimizer, lr_at
+
+CHECKPOINT = "checkpoint.safetensors"
+# Settings a resumed run must share with the run it continues, or its losses would differ.
+_RESUME_INVARIANTS = ("data", "tokenizer", "tokenizer_vocab", "seq_len", "seed")
+
+
+class TrainingDiverged(InfmoeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    step: int
+    val_loss: float | None
+    unigram_loss: float
+    interrupted_by: str | None = None
+    rank: int = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InfmoeError(f"device={name!r} is invalid: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: TrainConfig, model_config: GPTConfig, *,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train `model_config` as `cfg` says. Returns where the checkpoint is and how it ended.
+
+    Run under torchrun, every process calls this; rank 0 writes logs and checkpoints.
+    on_step(step, loss) is called after every optimizer step (tests use it to interrupt).
+    """
+    world, device = init_world(cfg.parallel, pick_device(cfg.device))
+    try:
+        return _train(cfg, model_config, world, device, on_step)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torch.device,
+           on_step: Callable[[int, float], None] | None) -> TrainResult:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / CHECKPOINT
+    if world.is_main:
+        check_writable(out_dir)
+        if ckpt_path.exists() and not cfg.resume:
+            raise CheckpointError(f"{out_dir} already holds a checkpoint: pass --resume to continue it, "
+                                  "or choose another --out_dir")
+
+    initial = None
+    if cfg.init_from:  # a checkpoint, export or GPT-2 folder: its config and tokenizer rule
+        from infmoe.hf import load_model_and_tokenizer
+
+        initial, tokenizer = load_model_and_tokenizer(cfg.init_from)
+        model_config = initial.config
+    data = _prepare_once(cfg, world, tokenizer if initial is not None else cfg.tokenizer)
+    if initial is None:
+        model_config = model_config.replace(vocab_size=data.vocab_size)
+    seq_len = cfg.seq_len or model_config.n_ctx
+    sampler = WindowSampler(data.train, seq_len, cfg.seed)
+    val_batches = eval_batches(data.valid, seq_len, cfg.batch_size, cfg.eval_tokens)
+    baseline = unigram_loss(data.train, data.valid, data.vocab_size)
+    saved_tokenizer = tokenizer_files(data.tokenizer)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = GPT(model_config).to(device)
+    if initial is not None:
+        model.load_state_dict(initial.state_dict())
+    monitor = RoutingMonitor()
+    ckpt = _resumable(ckpt_path, cfg, model_config, data.meta, world) if cfg.resume else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt.weights, strict=False)
+        monitor.load_state(ckpt.extra)
+    engine = wrap(model, world, device)
+    optimizer = build_optimizer(model, cfg)
+    if ckpt is not None:
+        load_optimizer_state(model, optimizer, ckpt.optimizer, world)
+    start = int(ckpt.state["step"]) if ckpt is not None else 0
+    forward = torch.compile(engine) if cfg.compile else engine
+    autocast = autocast_for(cfg, device)
+    log = MetricsLog(out_dir, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard) if world.is_main else None
+
+    def save(step: int, val_loss: float | None) -> None:
+        weights, optimizer_state = full_state(model, optimizer, world)  # a collective under FSDP
+        if world.is_main:
+            state = {"step": step, "train_config": dataclasses.asdict(cfg), "world_size": world.world_size,
+                     "val_loss": val_loss, "data": {"source": cfg.data, "meta": data.meta}, "unigram_loss": baseline}
+            save_checkpoint(ckpt_path, model, weights=weights, optimizer_state=optimizer_state, state=state,
+                            tokenizer_files=saved_tokenizer, extra_tensors=monitor.state())
+
+    end = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
+    tokens_per_step = global_batch(cfg, world) * seq_len
+    val_loss = None
+    bar = tqdm(total=end, initial=start, disable=not cfg.progress or not world.is_main, unit="step", dynamic_ncols=True)
+    last_good = start if ckpt is not None else None
+    interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
+    model.train()
+    with _StopFlag() as stop:
+        step = start
+        while step < end:
+            torch.manual_seed(derive_seed(cfg.seed, step, world.rank))
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                x, y = sampler.batch(step, micro, cfg.batch_size, cfg.grad_accum, world.rank, world.world_size)
+                with gradient_sync(engine, world, micro == cfg.grad_accum - 1), autocast():
+                    out = forward(x.to(device), y.to(device))
+                    (out.loss / cfg.grad_accum).backward()
+                loss_sum += out.loss.detach()
+                monitor.update(model.routing_stats())
+            loss = all_reduce_sum(loss_sum, world).item() / (cfg.grad_accum * world.world_size)
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint (step {last_good}) is kept at {ckpt_path}" if last_good is not None \
+                    else "no checkpoint was written"
+                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; training stopped and {where}: "
+                                       "lower --lr, raise --warmup_steps or lower --grad_clip")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, loss)
+
+            if step % cfg.log_interval == 0 or step == end:
+                elapsed = time.perf_counter() - interval_start
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                values = {"train/loss": interval_loss / interval_steps, "train/lm_loss": float(out.lm_loss.detach()),
+                          "train/aux_loss": float(out.aux_loss.detach()), "train/lr": lr,
+                          "train/grad_norm": float(grad_norm),
+                          "train/tokens_per_s": tokens_per_step * interval_steps / elapsed}
+                values.update(monitor.summary())
+                if log is not None:
+                    log.log(step, values)
+                bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
+                interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
+            if step % cfg.eval_interval == 0 or step == end:
+                val_loss = evaluate_loss(engine, val_batches, device, autocast=autocast,
+                                         rank=world.rank, world_size=world.world_size)
+                if log is not None:
+                    log.log(step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
+                bar.write(f"step {step}: validation loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
+            if step % cfg.save_interval == 0 or step == end or stop.signal:
+                save(step, val_loss)
+                last_good = step
+            if stop.signal:
+                break
+    bar.close()
+    if log is not None:
+        log.close()
+    return TrainResult(out_dir, ckpt_path, step, val_loss, baseline, stop.signal, world.rank)
+
+
+def global_batch(cfg: TrainConfig, world: World) -> int:
+    """Sequences per optimizer step, over all ranks and micro-steps."""
+    return cfg.batch_size * cfg.grad_accum * world.world_size
+
+
+def _prepare_once(cfg: TrainConfig, world: World, tokenizer):
+    """Rank 0 of each node tokenizes; the others then find the cache ready."""
+    def run():
+        return prepare(cfg.data, cache_dir=cfg.cache_dir, tokenizer=tokenizer, vocab_size=cfg.tokenizer_vocab,
+                       encoding_errors=cfg.encoding_errors, progress=cfg.progress and world.is_main)
+
+    data = run() if world.local_rank == 0 else None
+    if world.distributed:
+        torch.distributed.barrier()
+    return data if data is not None else run()
+
+
+def tokenizer_files(tokenizer) -> dict[str, str]:
+    """The tokenizer's saved files as text, to travel inside the checkpoint."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _resumable(path: Path, cfg: TrainConfig, model_config: GPTConfig, data_meta: dict, world: World) -> Checkpoint:
+    """The checkpoint to continue from, after checking the run can continue exactly."""
+    if not path.exists():
+        raise CheckpointError(f"--resume: there is no {CHECKPOINT} in {path.parent}; drop --resume to start a new run")
+    ckpt = load_checkpoint(path, with_optimizer=True)
+    if ckpt.config != model_config:
+        diff = [k for k, v in model_config.to_dict().items() if ckpt.config.to_dict().get(k) != v]
+        raise CheckpointError(f"--resume: the checkpoint's model config differs in {', '.join(diff)}; "
+                              "drop those overrides or train into a new --out_dir")
+    saved = ckpt.state.get("train_config", {})
+    changed = [k for k in _RESUME_INVARIANTS if saved.get(k) != getattr(cfg, k)]
+    saved_batch = saved.get("batch_size", 0) * saved.get("grad_accum", 0) * ckpt.state.get("world_size", 1)
+    if saved_batch != global_batch(cfg, world):
+        changed.append(f"the global batch (batch_size x grad_accum x ranks: {saved_batch} before, "
+                       f"{global_batch(cfg, world)} now)")
+    if changed:
+        raise CheckpointError(f"--resume: {', '.join(changed)} differ from the checkpoint's run, so it cannot "
+                              "continue exactly; use the same values or a new --out_dir")
+    if ckpt.state.get("data", {}).get("meta", {}).get("fingerprint") != data_meta.get("fingerprint"):
+        raise CheckpointError("--resume: the prepared data differs from the checkpoint's (the corpus changed?); "
+                              "restore it or train into a new --out_dir")
+    if ckpt.optimizer is None:
+        raise CheckpointError(f"--resume: {path} holds no optimizer state; it cannot be continued exactly")
+    return ckpt

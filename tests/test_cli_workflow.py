@@ -1,0 +1,162 @@
+"""End to end through the command line: train → eval → generate, and their bad input."""
+
+import json
+
+import pytest
+from safetensors.torch import save_file
+
+import torch
+from infmoe.cli import main
+
+
+def argv(settings: dict) -> list[str]:
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, micro):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *argv(micro(out, max_steps=20, lr=1e-2))]) == 0
+    return out / "checkpoint.safetensors"
+
+
+def one_error_line(capsys, needle):
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_train_prints_final_loss_and_baseline(trained, capsys):
+    assert trained.exists()
+
+
+def test_eval_prints_table_and_writes_json_and_png(trained, tmp_path, cache_dir, capsys):
+    out = tmp_path / "k-sweep"
+    assert main(["eval", str(trained), "--samples", "1,2,4", "--tokens", "1024", "--cache_dir", str(cache_dir),
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "K=1" in text and "K=4" in text and "mean" in text
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["K=1", "K=2", "K=4", "mean"]
+    assert all(r["ms_per_token"] > 0 and r["loss"] > 0 for r in report["rows"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # fixed seeds: a re-run gives the same losses
+    assert main(["eval", str(trained), "--samples", "1,2,4", "--tokens", "1024", "--cache_dir", str(cache_dir),
+                 "--out", str(out)]) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert [r["loss"] for r in again["rows"]] == [r["loss"] for r in report["rows"]]
+
+
+def test_generate_streams_text(trained, capsys):
+    assert main(["generate", str(trained), "--prompt", "The", "--max-new-tokens", "12", "--seed", "1",
+                 "--samples", "2"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("The") and len(first) > len("The\n")
+    assert main(["generate", str(trained), "--prompt", "The", "--max-new-tokens", "12", "--seed", "1",
+                 "--samples", "2"]) == 0
+    assert capsys.readouterr().out == first  # seeded: the same text
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"", "empty"),
+    (b"\x00\x01\x02binary\x00" * 100, "binary"),
+    (b"caf\xe9 au lait\n" * 200, "UTF-8"),
+], ids=["empty", "binary", "latin-1"])
+def test_bad_corpus_is_one_line_exit_2(tmp_path, micro, capsys, content, needle):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes(content)
+    assert main(["train", *argv(micro(tmp_path / "run", data=corpus))]) == 2
+    one_error_line(capsys, needle)
+
+
+def test_missing_corpus_and_offline_dataset(tmp_path, micro, capsys):
+    assert main(["train", *argv(micro(tmp_path / "run", data=tmp_path / "nope.txt"))]) == 2
+    one_error_line(capsys, "nope.txt")
+    assert main(["train", *argv(micro(tmp_path / "run", data="no-such-dataset-xyz"))]) == 2
+    one_error_line(capsys, "no-such-dataset-xyz")
+
+
+def test_truncated_and_foreign_checkpoints(trained, tmp_path, capsys):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(trained.read_bytes()[: trained.stat().st_size // 2])
+    assert main(["eval", str(truncated)]) == 2
+    one_error_line(capsys, "truncated")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(foreign))
+    assert main(["generate", str(foreign), "--prompt", "x"]) == 2
+    one_error_line(capsys, "not an infmoe checkpoint")
+    assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
+    one_error_line(capsys, "no checkpoint file")
+
+
+def test_vocabulary_mismatch_between_checkpoint_and_data(trained, tmp_path, cache_dir, capsys):
+    from infmoe.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(trained)
+    model = ckpt.build_model()
+    bigger = type(model)(model.config.replace(vocab_size=model.config.vocab_size + 10))
+    path = tmp_path / "mismatch.safetensors"
+    save_checkpoint(path, bigger, state=ckpt.state, tokenizer_files=ckpt.tokenizer_files)
+    assert main(["eval", str(path), "--cache_dir", str(cache_dir)]) == 2
+    one_error_line(capsys, "vocab")
+
+
+def test_unknown_key_and_bad_values(tmp_path, micro, capsys):
+    assert main(["train", "--no_such_key", "3"]) == 2
+    one_error_line(capsys, "--no_such_key")
+    assert main(["train", *argv(micro(tmp_path, block_size=7))]) == 2
+    one_error_line(capsys, "block_size=7")
+    assert main(["eval", "x.safetensors", "--bogus"]) == 2
+    one_error_line(capsys, "unknown option --bogus")
+    assert main(["generate", "x.safetensors", "--prompt", "a", "--top-p", "2"]) == 2
+    one_error_line(capsys, "top_p=2.0")
+
+
+def test_export_folder_works_wherever_a_checkpoint_does(trained, tmp_path, corpus, cache_dir, capsys):
+    folder = tmp_path / "hf"
+    assert main(["export", str(trained), "--hf", str(folder)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modeling_infmoe.py"} <= {p.name for p in folder.iterdir()}
+    capsys.readouterr()
+    assert main(["eval", str(folder), "--tokens", "512", "--cache_dir", str(cache_dir)]) == 2
+    one_error_line(capsys, "pass --data")
+    assert main(["eval", str(folder), "--data", str(corpus), "--tokens", "512", "--cache_dir", str(cache_dir),
+                 "--samples", "1", "--out", str(tmp_path / "ev")]) == 0
+    from_folder = json.loads((tmp_path / "ev.json").read_text())["rows"]
+    assert main(["eval", str(trained), "--tokens", "512", "--cache_dir", str(cache_dir), "--samples", "1",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert [r["loss"] for r in json.loads((tmp_path / "ev.json").read_text())["rows"]] == [r["loss"] for r in from_folder]
+    capsys.readouterr()
+    for model in (trained, folder):
+        assert main(["generate", str(model), "--prompt", "The", "--max-new-tokens", "8", "--seed", "3"]) == 0
+    first, second = capsys.readouterr().out.split("\n")[:2]
+    assert first == second
+
+
+def test_zeroshot_command(trained, tmp_path, capsys):
+    data = tmp_path / "piqa.jsonl"
+    records = [{"goal": f"goal {i}", "sol1": "first way", "sol2": "second way", "label": i % 2} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["zeroshot", str(trained), "--task", "piqa", "--data", str(data), "--out", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n"] == 6 and 0 <= result["acc"] <= 1 and "acc_norm" in result
+    assert "acc_norm" in capsys.readouterr().out
+    assert main(["zeroshot", str(trained), "--task", "squad", "--data", str(data)]) == 2
+    one_error_line(capsys, "squad")
+
+
+def test_upcycle_a_dense_model_and_continue_training(tmp_path, micro, capsys):
+    assert main(["train", *argv(micro(tmp_path / "dense", config="tiny-dense", max_steps=4))]) == 0
+    upcycled = tmp_path / "upcycled.safetensors"
+    assert main(["upcycle", str(tmp_path / "dense" / "checkpoint.safetensors"), "--out", str(upcycled),
+                 "--d_z", "8", "--block_size", "4"]) == 0
+    settings = {k: v for k, v in micro(tmp_path / "more", max_steps=4).items() if k not in ("config", "n_layer",
+                                                                                          "d_model", "n_head", "n_ctx")}
+    assert main(["train", *argv(settings), "--init_from", str(upcycled)]) == 0
+    from infmoe.checkpoint import load_checkpoint
+
+    config = load_checkpoint(tmp_path / "more" / "checkpoint.safetensors").config
+    assert config.ffn == "infmoe" and config.ffn_hidden == 2 * 4 * config.d_model
+    assert config.ffn_options["d_z"] == 8 and config.ffn_options["block_size"] == 4
+    capsys.readouterr()
+    assert main(["train", *argv(settings), "--init_from", str(upcycled), "--n_layer", "3"]) == 2
+    one_error_line(capsys, "--init_from takes the model config")
