@@ -4,6 +4,12 @@ E experts, each a GPT-2 MLP of width d_hidden_total / E, stored as stacked tenso
 router scores the experts; each token goes to its top-k, weighted by the softmax of the
 router logits renormalised over those k. Switch load balancing and router z-loss are the
 auxiliary losses. Dropless unless a capacity factor is given.
+
+The (token, expert) assignments are sorted by expert; option ``impl`` picks how the experts
+then run: "grouped" (default) as grouped matmuls over the sorted assignments with a custom
+backward (`infmoe.layers.grouped`, shared with ∞-MoE's sparse path), "loop" as one pair of
+matmuls per expert in a Python loop with autograd (the reference). Same result, same aux
+losses.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from infmoe.errors import divisor, invalid, positive_int, real
+from infmoe.errors import choose, divisor, invalid, positive_int, real
 from infmoe.layers.base import FFNAux, FFNLayer, at_least_fp32, gelu, init_normal_
+from infmoe.layers.grouped import grouped_ffn
+
+IMPLS = ("grouped", "loop")
 
 
 class TopKMoE(FFNLayer):
@@ -31,6 +39,8 @@ class TopKMoE(FFNLayer):
             drops the rest (a dropped assignment contributes zero).
         load_balance_weight: weight of the Switch loss E · Σ_i f_i P_i (1 when balanced).
         z_loss_weight: weight of the router z-loss mean_t logsumexp(logits_t)².
+        impl: "grouped" runs all experts as grouped matmuls; "loop" one expert at a time
+            (the reference). Same result.
     """
 
     def __init__(
@@ -43,6 +53,7 @@ class TopKMoE(FFNLayer):
         capacity_factor: float | None = None,
         load_balance_weight: float = 0.01,
         z_loss_weight: float = 0.001,
+        impl: str = "grouped",
     ) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
         self.n_experts = divisor("n_experts", n_experts, d_hidden, "d_hidden")
@@ -55,6 +66,7 @@ class TopKMoE(FFNLayer):
             self.capacity_factor = real("capacity_factor", capacity_factor, low=0, open_low=True)
         self.load_balance_weight = real("load_balance_weight", load_balance_weight, low=0)
         self.z_loss_weight = real("z_loss_weight", z_loss_weight, low=0)
+        self.impl = choose("impl", impl, IMPLS)
 
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_expert))
@@ -82,30 +94,55 @@ class TopKMoE(FFNLayer):
         x2 = x.reshape(-1, self.d_model)
         t = x2.shape[0]
         logits, expert, weight = self.route(x2)
-
-        # Group the T·k (token, expert) assignments by expert: one contiguous run each.
-        flat_expert = expert.reshape(-1)
-        order = flat_expert.argsort(stable=True)
-        token = order // self.top_k
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)
-        kept = counts
-        if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * t * self.top_k / self.n_experts)
-            kept = counts.clamp(max=capacity)
-        starts = (torch.cumsum(counts, 0) - counts).tolist()
-
-        y = torch.zeros_like(x2)
-        for e, (start, n) in enumerate(zip(starts, kept.tolist())):
-            if n == 0:
-                continue
-            rows = order[start : start + n]
-            tok = token[start : start + n]
-            h = gelu(torch.addmm(self.b_in[e], x2[tok], self.w_in[e]))
-            out = torch.addmm(self.b_out[e], h, self.w_out[e])
-            y.index_add_(0, tok, out * weight.reshape(-1)[rows].unsqueeze(-1))
-
+        rows, counts, kept = self.assign(expert, t)
+        token, row_weight = rows // self.top_k, weight.reshape(-1)[rows]
+        if self.impl == "grouped":
+            y = self.grouped_experts(x2, token, kept, row_weight, expert.reshape(-1)[rows])
+        else:
+            y = self.loop_experts(x2, token, kept, row_weight)
         self.aux = self._report(logits, counts, kept, t)
         return y.reshape(*lead, self.d_model)
+
+    def assign(self, expert: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Group the T·k (token, expert) assignments by expert, dropping over capacity.
+
+        expert (T, k) → rows, counts, kept: rows (n_kept,) indices into the flattened
+        (T·k) assignments, sorted by expert and within one expert in token order; counts
+        (E,) assignments per expert before dropping; kept (E,) after.
+        """
+        flat_expert = expert.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        if self.capacity_factor is None:
+            return order, counts, counts
+        capacity = math.ceil(self.capacity_factor * t * self.top_k / self.n_experts)
+        kept = counts.clamp(max=capacity)
+        # rank of each sorted assignment within its expert's run; keep the first `kept`
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(counts)
+        return order[rank < kept.repeat_interleave(counts)], counts, kept
+
+    def grouped_experts(self, x: torch.Tensor, token: torch.Tensor, kept: torch.Tensor,
+                        row_weight: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
+        """Fast path. x (T, d); per kept assignment (rows sorted by expert): token, weight
+        and expert (rows,); kept (E,) rows per expert. → (T, d)."""
+        y = grouped_ffn(x, token, kept, row_weight, self.w_in, self.b_in, self.w_out)
+        # Output biases: Σ over a token's assignments of weight · b_out[expert], as one matmul.
+        combine = x.new_zeros(x.shape[0], self.n_experts).index_put((token, row_expert), row_weight)
+        return y + combine.to(y.dtype) @ self.b_out.to(y.dtype)
+
+    def loop_experts(self, x: torch.Tensor, token: torch.Tensor, kept: torch.Tensor,
+                     row_weight: torch.Tensor) -> torch.Tensor:
+        """Reference path, one expert at a time; arguments as `grouped_experts`."""
+        y = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(kept.tolist()):
+            tok, w = token[start : start + n], row_weight[start : start + n, None]
+            start += n
+            if n:
+                h = gelu(torch.addmm(self.b_in[e], x[tok], self.w_in[e]))
+                y.index_add_(0, tok, torch.addmm(self.b_out[e], h, self.w_out[e]) * w)
+        return y
 
     def load_balance_loss(self, logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Switch Transformer: E · Σ_i f_i · P_i with f_i the share of the T·k assignments

@@ -193,6 +193,7 @@ def test_any_leading_shape():
         (dict(d_z=0), "d_z"),
         (dict(sigma_min=-1.0), "sigma_min"),
         (dict(kl_weight=-1.0), "kl_weight"),
+        (dict(impl="fast"), "impl"),
     ],
 )
 def test_bad_options_raise_one_clear_error_at_construction(kwargs, field):

@@ -111,6 +111,7 @@ def test_stats_and_aux_loss_weights():
         (dict(top_k=0), "top_k"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(load_balance_weight=-1.0), "load_balance_weight"),
+        (dict(impl="masked"), "impl"),
     ],
 )
 def test_bad_options_raise_one_clear_error(kwargs, field):

@@ -1,0 +1,206 @@
+"""The fast paths equal the reference paths: ∞-MoE sparse vs masked, top-k grouped vs loop.
+
+Outputs, the input gradient and every parameter gradient, in float64 (tolerance 1e-8, where
+the grouped matmul runs as its loop fallback) and float32 (1e-5, where d and B are multiples
+of 4 so `torch._grouped_mm` itself runs; B = 3 exercises the fallback in float32 too).
+"""
+
+import pytest
+import torch
+
+from infmoe import ConfigError, InfiniteMoE, TopKMoE
+from infmoe.layers import grouped
+from infmoe.layers.grouped import GroupedFFN, _grouped_mm_loop, grouped_mm, plan_chunks
+
+D, DZ, T = 16, 4, 37  # T prime: per-block token counts divide into nothing convenient
+TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+
+
+def run(layer: torch.nn.Module, impl: str, x: torch.Tensor, dy: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
+    """Output, input gradient and parameter gradients of one forward+backward with `impl`."""
+    layer.impl = impl
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = layer(x, **kw)
+    y.backward(dy)
+    grads = {f"grad {n}": p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    return {"y": y.detach(), "grad x": x.grad} | grads
+
+
+def assert_same(fast: dict, ref: dict, tol: float) -> None:
+    assert fast.keys() == ref.keys()
+    for key, expected in ref.items():
+        torch.testing.assert_close(fast[key], expected, rtol=tol, atol=tol, msg=key)
+
+
+def infmoe(dtype, **kw) -> InfiniteMoE:
+    torch.manual_seed(0)
+    layer = InfiniteMoE(D, kw.pop("d_hidden", 48), d_z=DZ, **kw).to(dtype)
+    layer.reset_parameters(std=0.3)  # O(1) activations, so the tolerances mean something
+    return layer
+
+
+def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(t, D, generator=g, dtype=dtype)
+    dy = torch.randn(t, D, generator=g, dtype=dtype)
+    noise = torch.randn(k, t, DZ, generator=g, dtype=dtype)
+    if repeat_noise:  # the first half of the tokens draw the same z K times: nothing new
+        noise[:, : t // 2] = noise[:1, : t // 2]
+    return x, dy, noise
+
+
+@pytest.fixture(params=[None, 1, 40 * D * 4], ids=["default-chunks", "chunk-per-block", "few-blocks-per-chunk"])
+def chunking(request, monkeypatch):
+    """Run with the default chunk budget, with one block per chunk (the smallest budget), and
+    with a budget of 40 float32 rows, which puts several blocks in each of several chunks."""
+    if request.param is not None:
+        monkeypatch.setattr(grouped, "CHUNK_BYTES", request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("block_size", [4, 3, 8])
+def test_infmoe_sparse_equals_masked(dtype, gate, k, block_size, chunking):
+    layer = infmoe(dtype, block_size=block_size, gate=gate)
+    x, dy, noise = inputs(dtype, k, repeat_noise=k > 1)
+    ref = run(layer, "masked", x, dy, noise=noise)
+    assert_same(run(layer, "sparse", x, dy, noise=noise), ref, TOL[dtype])
+    assert (gate == "constant") == ("grad router.weight" not in ref)  # gates carry the router's gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_infmoe_blocks_no_token_chose_and_a_single_token(dtype):
+    layer = infmoe(dtype, block_size=4, active_fraction=0.1)  # 12 blocks, 2 kept per sample
+    for t in (3, 1):
+        x, dy, noise = inputs(dtype, 2, t=t)
+        ref = run(layer, "masked", x, dy, noise=noise)
+        assert layer.aux.stats["used_fraction"] < 1  # some blocks got no token at all
+        assert_same(run(layer, "sparse", x, dy, noise=noise), ref, TOL[dtype])
+
+
+def test_infmoe_later_samples_selecting_nothing_new_cost_nothing():
+    layer = infmoe(torch.float64, block_size=4)
+    x, dy, noise = inputs(torch.float64, 4)
+    layer(x, noise[:1])
+    one = layer.aux.stats["union_fraction"]
+    ref = run(layer, "masked", x, dy, noise=noise[:1].expand(4, -1, -1))
+    assert layer.aux.stats["union_fraction"] == one  # K identical samples: the union of one
+    assert_same(run(layer, "sparse", x, dy, noise=noise[:1].expand(4, -1, -1)), ref, 1e-8)
+
+
+def test_infmoe_mean_mode_and_leading_shapes():
+    layer = infmoe(torch.float64, block_size=4, mode="mean")
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    dy = torch.randn(2, 5, D, dtype=torch.float64)
+    assert_same(run(layer, "sparse", x, dy), run(layer, "masked", x, dy), 1e-8)
+
+
+def test_infmoe_auto_rule():
+    def auto(block_size, **kw):
+        return infmoe(torch.float32, d_hidden=1024, block_size=block_size, **kw).uses_sparse()
+
+    assert [auto(64, n_samples=k) for k in (1, 2, 4, 8)] == [True, True, False, False]
+    assert [auto(128, n_samples=k) for k in (1, 2, 4, 8)] == [True] * 4
+    assert [auto(b) for b in (1, 8, 16, 32)] == [False, False, False, True]
+    assert not auto(32, n_samples=2) and auto(32, n_samples=2, active_fraction=0.25)
+    assert auto(64, n_samples=8, mode="mean")  # one mask whatever K is
+    assert auto(16, impl="sparse") and not auto(256, impl="masked")
+
+
+def test_infmoe_sparse_under_cpu_autocast_runs_in_bf16_with_fp32_gradients():
+    layer = infmoe(torch.float32, block_size=8)
+    x, dy, noise = inputs(torch.float32, 2)
+    ref = run(layer, "masked", x, dy, noise=noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = run(layer, "sparse", x, dy, noise=noise)
+    assert layer.w_in.grad.dtype == torch.float32
+    assert (fast["y"] - ref["y"]).abs().max() > 1e-4  # bf16 rounding: it did run in bf16
+    torch.testing.assert_close(fast["y"], ref["y"], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(fast["grad w_in"], ref["grad w_in"], rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "options",
+    [dict(top_k=2), dict(top_k=1), dict(top_k=4), dict(top_k=2, capacity_factor=0.5), dict(top_k=1, capacity_factor=1.0)],
+    ids=["k2", "k1", "k=E", "k2-drops", "k1-drops"],
+)
+def test_topk_grouped_equals_loop(dtype, options, chunking):
+    torch.manual_seed(0)
+    layer = TopKMoE(D, 32, n_experts=4, **options).to(dtype)
+    layer.reset_parameters(std=0.3)
+    x, dy, _ = inputs(dtype, 1)
+    ref = run(layer, "loop", x, dy)
+    ref_stats = layer.aux.stats
+    if "capacity_factor" in options:
+        assert ref_stats["dropped_fraction"] > 0
+    fast = run(layer, "grouped", x, dy)
+    assert_same(fast, ref, TOL[dtype])
+    for key, value in ref_stats.items():
+        torch.testing.assert_close(layer.aux.stats[key], value, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls,options", [(InfiniteMoE, dict(d_z=DZ)), (TopKMoE, {})])
+def test_bad_impl_is_one_clear_error(cls, options):
+    with pytest.raises(ConfigError) as err:
+        cls(D, 48, impl="fast", **options)
+    assert str(err.value).startswith("impl=") and "\n" not in str(err.value)
+
+
+def test_float32_runs_torch_grouped_mm_itself(monkeypatch):
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return torch_grouped_mm(*args, **kwargs)
+
+    torch_grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    x, dy, noise = inputs(torch.float32, 2)
+    run(infmoe(torch.float32, block_size=4), "sparse", x, dy, noise=noise)
+    assert len(calls) == 6  # one chunk: 2 forward, 4 backward
+    run(TopKMoE(D, 32, n_experts=4), "grouped", x, dy)
+    assert len(calls) == 12
+
+
+# --- the pieces ---------------------------------------------------------------------------
+
+
+def test_grouped_mm_op_equals_its_loop_with_empty_groups():
+    token = torch.arange(10)
+    counts = torch.tensor([3, 0, 7, 0])
+    (chunk,) = plan_chunks(token, counts, row_bytes=4, max_bytes=None)
+    a, b3 = torch.randn(10, 8), torch.randn(4, 8, 12)
+    left, right = torch.randn(8, 10), torch.randn(10, 12)
+    for x, y in [(a, b3), (a, b3.transpose(1, 2).contiguous().transpose(1, 2)), (left, right), (a.T.contiguous().T, b3)]:
+        torch.testing.assert_close(grouped_mm(x, y, chunk), _grouped_mm_loop(x, y, chunk.counts), rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_hold_whole_groups_within_the_budget():
+    counts = torch.tensor([2, 0, 5, 1, 1, 3])
+    token = torch.arange(12)
+    chunks = plan_chunks(token, counts, row_bytes=10, max_bytes=40)  # at most 4 rows, >= 1 group
+    assert [(c.group_start, c.group_end) for c in chunks] == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    assert torch.equal(torch.cat([c.token for c in chunks]), token)
+    assert chunks[3].token.tolist() == [9, 10, 11] and chunks[3].rows == slice(9, 12)
+    assert chunks[0].local_group.tolist() == [0, 0] and chunks[0].offs.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, None])
+@pytest.mark.parametrize("transposed_w1", [False, True])
+def test_grouped_ffn_backward_passes_gradcheck(transposed_w1, chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    t, d, b, groups = 5, 3, 2, 3
+    token = torch.tensor([0, 2, 4, 1, 2, 3, 4, 0])
+    counts = torch.tensor([3, 0, 5])
+    chunks = plan_chunks(token, counts, row_bytes=1, max_bytes=chunk_rows)
+    assert len(chunks) == {1: 2, 4: 2, None: 1}[chunk_rows]  # 4 rows: groups 0-1, then 2
+
+    def param(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    w1 = param(groups, b, d).transpose(1, 2) if transposed_w1 else param(groups, d, b)
+    args = (param(t, d), param(len(token)), w1, param(groups, b), param(groups, b, d))
+    assert torch.autograd.gradcheck(lambda *a: GroupedFFN.apply(*a, chunks), args)
