@@ -23,7 +23,7 @@ import torch
 from infmoe.checkpoint import load_checkpoint, save_checkpoint
 from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
-from infmoe.errors import ConfigError, InfmoeError
+from infmoe.errors import ConfigError, InfmoeError, choose
 from infmoe.evaluation import plot_sweep, sweep_samples
 from infmoe.generation import check_sampling_args, generate
 from infmoe.io import write_text
@@ -36,6 +36,7 @@ from infmoe.training.batches import eval_batches
 from infmoe.training.loop import pick_device, tokenizer_files
 
 TASK_NAMES = list(TASKS)
+MODEL_BATCH = {"tiny": (16, 256), "gpt2-small": (1, 1024)}  # sequences x tokens per training step
 BOOLEAN_SETTINGS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
 
 
@@ -181,6 +182,47 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
 
 
+def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from infmoe import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        print(bench.markdown(result), end="")
+        bench.save(result, None, args.markdown)
+        return
+    device = pick_device(args.device)
+    if args.grid:
+        print(bench.sparse_grid(bench.SHAPES["quick" if args.quick else "gpt2-small"], args.repeats), end="")
+        return
+    if args.quick:
+        shapes, models, repeats = ["quick"], [("tiny", 2, 64)], min(args.repeats, 3)
+    else:
+        shapes, repeats = args.shapes.split(","), args.repeats
+        models = [(m, *MODEL_BATCH[m]) for m in args.models.split(",") if m]
+    for name in shapes:
+        choose("--shapes", name, bench.SHAPES)
+    for name, *_ in models:
+        choose("--models", name, MODEL_BATCH)
+    result = bench.run(shapes, repeats=repeats, memory=not args.no_memory, models=models, device=device,
+                       peak=not args.quick)
+    print(bench.markdown(result), end="")
+    bench.save(result, args.json, args.markdown)
+
+
+def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from infmoe.experiments import build_sections, load_results, load_spec, run_grid, update_markdown
+
+    spec = load_spec(args.spec)
+    if not args.report_only:
+        run_grid(spec, jobs=args.jobs)
+    if args.report:
+        results = load_results(spec.results_dir)
+        update_markdown(Path(args.report), build_sections(spec.report, results, Path(args.report)))
+        print(f"wrote the report sections into {args.report}")
+
+
 def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe.hf import export_hf
 
@@ -318,6 +360,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     p.set_defaults(handler=cmd_zeroshot, overrides=False)
+
+    p = sub.add_parser("bench", help="time the FFN variants and whole models, as ratios in one process",
+                       description="Forward and forward+backward time, memory and GFLOP/s of dense, top-k MoE "
+                                   "and ∞-MoE (masked and sparse, K = 1, 2, 4, 8) layers as ratios to the dense "
+                                   "MLP of equal active width, and whole-model training tokens/s.")
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (seconds; CI)")
+    p.add_argument("--shapes", default="tiny,gpt2-small", help="layer shapes: tiny, gpt2-small")
+    p.add_argument("--models", default="tiny,gpt2-small", help="model sizes for training tokens/s ('' for none)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-memory", "--no_memory", action="store_true", help="skip the memory columns")
+    p.add_argument("--grid", action="store_true", help="sparse / masked time over block size and K instead")
+    p.add_argument("--render", default=None, metavar="JSON", help="re-render the tables of a saved --json result")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--markdown", default=None, help="write the tables as markdown here")
+    p.set_defaults(handler=cmd_bench, overrides=False)
+
+    p = sub.add_parser("experiment", help="run a grid of (config x seed) from a YAML spec, resumably, and report",
+                       description="Train and evaluate every run of the spec (finished runs are skipped, "
+                                   "interrupted ones resume), then write the report's tables and plots.")
+    p.add_argument("spec", help="experiment spec (YAML); see infmoe/experiments/spec.py")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (give each one thread in the spec)")
+    p.add_argument("--report", default=None, help="markdown file to write the report sections into")
+    p.add_argument("--report-only", "--report_only", action="store_true", help="only regenerate the report")
+    p.set_defaults(handler=cmd_experiment, overrides=False)
 
     p = sub.add_parser("export", help="write a checkpoint in Hugging Face format (config.json + safetensors)",
                        description="Write config.json, model.safetensors, the tokenizer and the modeling code, "

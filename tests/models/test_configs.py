@@ -65,7 +65,7 @@ def test_every_named_config_builds():
 def test_overrides_reach_fields_and_ffn_options():
     config = get_config("tiny-infmoe", n_layer=2, d_z=8, block_size=4)
     assert config.n_layer == 2 and config.ffn_options == {"d_z": 8, "block_size": 4}
-    assert get_config("tiny-infmoe").ffn_options == {"d_z": 16}  # the named config is untouched
+    assert get_config("tiny-infmoe").ffn_options == {"d_z": 16, "block_size": 64}  # the named config is untouched
     switched = get_config("tiny-infmoe", ffn="moe", n_experts=4, top_k=1)
     assert switched.ffn_options == {"n_experts": 4, "top_k": 1}  # old ffn's options dropped
 

@@ -1,0 +1,14 @@
+"""The benchmark of `infmoe bench`, runnable from a checkout: the same code, the same flags.
+
+    python benchmarks/run.py                      # layer and model tables (several minutes)
+    python benchmarks/run.py --quick              # seconds
+    python benchmarks/run.py --grid               # sparse / masked over block size and K
+    python benchmarks/run.py --json docs/bench.json --markdown docs/bench.md
+"""
+
+import sys
+
+from infmoe.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

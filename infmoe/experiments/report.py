@@ -1,0 +1,198 @@
+"""Tables and plots from an experiment's result JSONs, written into a markdown file.
+
+The spec's ``report`` list names the sections::
+
+    report:
+      - {id: A, title: "...", runs: [infmoe, dense-active, dense-total]}
+      - {id: B, kind: zeroshot, runs: [infmoe, moe, switch]}
+      - {id: C, kind: sweep, runs: [infmoe]}
+      - {id: D, kind: curves, runs: [moe-e8, moe-e32, infmoe]}
+
+Kinds: ``table`` (default: parameters, tokens, validation loss and perplexity as mean ±
+std over seeds, loss spikes), ``zeroshot`` (accuracy per task with standard errors and a
+significance test against the first run), ``sweep`` (K at inference: loss and ms/token,
+plus a plot), ``curves`` (the table plus a plot of the training-loss curves). Each section
+replaces the text between ``<!-- generated:ID -->`` and ``<!-- end:ID -->`` in the
+markdown file (appended when the markers are missing), so hand-written prose around the
+tables survives a regeneration and no number in them is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from infmoe.errors import ConfigError
+from infmoe.experiments.runner import mean_std, spikes
+from infmoe.io import atomic_path, write_text
+
+
+def load_results(results_dir: Path) -> dict[str, list[dict]]:
+    """run name → its result records (one per finished seed), seeds in order."""
+    by_run: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(results_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        by_run[record["run"]].append(record)
+    return {run: sorted(records, key=lambda r: r["seed"]) for run, records in by_run.items()}
+
+
+def _pm(values: list[float], spec: str = ".3f") -> str:
+    mean, std = mean_std(values)
+    return f"{mean:{spec}} ± {std:{spec}}" if len(values) > 1 else f"{mean:{spec}}"
+
+
+def _m(x: float) -> str:
+    return f"{x / 1e6:.2f}M"
+
+
+def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
+    lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        records = results.get(run, [])
+        if not records:
+            lines.append(f"| {run} | (no finished runs) | | | | | | |")
+            continue
+        first = records[0]
+        losses = [r["headline"]["loss"] for r in records]
+        lines.append(
+            f"| {run} | {_m(first['params']['total'])} | {_m(first['params']['active'])} | "
+            f"{first['tokens_seen'] / 1e6:.2f}M | {len(records)} | {_pm(losses)} | "
+            f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} |"
+        )
+    base = next((r for run in runs for r in results.get(run, [])), None)
+    if base is not None:
+        for name in ("unigram", "bigram"):
+            loss = base["baselines"][name]
+            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | |")
+    return "\n".join(lines)
+
+
+def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:
+    """Accuracy per task, mean over seeds with the mean of the per-seed standard errors;
+    each run after the first is compared with the first by z = Δ / sqrt(se1² + se2²)."""
+    tasks = sorted({t for run in runs for r in results.get(run, []) for t in r.get("zeroshot", {})})
+    if not tasks:
+        return "(no zero-shot results)"
+    lines = ["| task | " + " | ".join(runs) + " | " + " | ".join(f"{r} − {runs[0]} (z)" for r in runs[1:]) + " |",
+             "|---" * (1 + 2 * len(runs) - 1) + "|"]
+    for task in tasks:
+        stats = {}
+        for run in runs:
+            records = [r["zeroshot"][task] for r in results.get(run, []) if task in r.get("zeroshot", {})]
+            if records:
+                acc = sum(r["acc"] for r in records) / len(records)
+                se = math.sqrt(sum(r["acc_stderr"] ** 2 for r in records)) / len(records)
+                stats[run] = (acc, se, records[0]["n"])
+        cells = [f"{stats[r][0]:.3f} ± {stats[r][1]:.3f}" if r in stats else "-" for r in runs]
+        for run in runs[1:]:
+            if run in stats and runs[0] in stats:
+                delta = stats[run][0] - stats[runs[0]][0]
+                z = delta / math.sqrt(stats[run][1] ** 2 + stats[runs[0]][1] ** 2 or 1e-12)
+                cells.append(f"{delta:+.3f} ({z:+.1f}{', significant' if abs(z) > 1.96 else ''})")
+            else:
+                cells.append("-")
+        n = next(iter(stats.values()))[2] if stats else 0
+        lines.append(f"| {task} (n={n}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path, link: str) -> str:
+    """Loss and ms/token for each inference setting, mean over seeds; one plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["| run | setting | val loss | val perplexity | ms/token |", "|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        records = results.get(run, [])
+        if not records:
+            continue
+        labels = [row["label"] for row in records[0]["sweep"]]
+        points = []
+        for label in labels:
+            rows = [next(x for x in r["sweep"] if x["label"] == label) for r in records]
+            losses, ms = [x["loss"] for x in rows], [x["ms_per_token"] for x in rows]
+            lines.append(f"| {run} | {label} | {_pm(losses)} | {_pm([math.exp(v) for v in losses], '.1f')} | "
+                         f"{_pm(ms, '.3f')} |")
+            points.append((label, sum(ms) / len(ms), sum(losses) / len(losses)))
+        sampled = [p for p in points if p[0] != "mean"]
+        ax.plot([p[1] for p in sampled], [p[2] for p in sampled], "-o", label=f"{run}: K samples")
+        for label, x, y in points:
+            if label == "mean":
+                ax.plot(x, y, "s", label=f"{run}: mean mode")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("ms per token (forward, 1 thread)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("∞-MoE: samples K at inference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, figure)
+    return "\n".join(lines) + f"\n\n![K at inference]({link})"
+
+
+def curves_figure(runs: list[str], results: dict[str, list[dict]], figure: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for run in runs:
+        for i, record in enumerate(results.get(run, [])):
+            curve = record["curve"]
+            ax.plot(curve["step"], curve["train_loss"], lw=0.8, alpha=0.8, color=f"C{runs.index(run)}",
+                    label=run if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, figure)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]], markdown: Path) -> dict[str, str]:
+    sections = {}
+    for section in report:
+        ident, kind, runs = section.get("id"), section.get("kind", "table"), section.get("runs", [])
+        if not ident or not runs:
+            raise ConfigError(f"report section {section!r} needs an id and runs")
+        figure = markdown.parent / f"results-{ident}.png"
+        link = figure.name
+        if kind == "table":
+            sections[ident] = table_section(runs, results)
+        elif kind == "curves":
+            curves_figure(runs, results, figure)
+            sections[ident] = table_section(runs, results) + f"\n\n![training loss]({link})"
+        elif kind == "zeroshot":
+            sections[ident] = table_section(runs, results) + "\n\n" + zeroshot_section(runs, results)
+        elif kind == "sweep":
+            sections[ident] = sweep_section(runs, results, figure, link)
+        else:
+            raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: choose table, curves, zeroshot, sweep")
+    return sections
+
+
+def update_markdown(path: Path, sections: dict[str, str]) -> None:
+    """Put each section between its markers in `path` (appending missing ones)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    for ident, body in sections.items():
+        block = f"<!-- generated:{ident} -->\n{body}\n<!-- end:{ident} -->"
+        pattern = re.compile(rf"<!-- generated:{re.escape(ident)} -->.*?<!-- end:{re.escape(ident)} -->", re.S)
+        text = pattern.sub(lambda _: block, text) if pattern.search(text) else text + f"\n{block}\n"
+    write_text(path, text)

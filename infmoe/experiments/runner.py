@@ -1,0 +1,181 @@
+"""Run an experiment grid: each job trains, evaluates, and leaves one small result JSON.
+
+Jobs run `jobs` at a time in fresh processes (set ``threads: 1`` in the spec's train
+section so two share a 2-core machine). A job whose result JSON exists is skipped; a job
+whose checkpoint exists resumes from it (bit-exactly, see `infmoe.training`); so an
+interrupted grid continues where it stopped when the same command runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infmoe.experiments.spec import Job, Spec
+from infmoe.io import write_text
+
+
+def pending(spec: Spec) -> list[Job]:
+    return [job for job in spec.jobs if not spec.result_path(job).exists()]
+
+
+def run_grid(spec: Spec, *, jobs: int = 2, echo=print) -> list[str]:
+    """Run every pending job of `spec`; returns the names of the jobs that finished now."""
+    todo = pending(spec)
+    echo(f"{len(spec.jobs) - len(todo)} of {len(spec.jobs)} runs already done; {len(todo)} to run, {jobs} at a time")
+    finished: list[str] = []
+    if not todo:
+        return finished
+    started = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with the parent
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job, spec.eval_tokens, spec.samples, str(spec.result_path(job))): job
+                   for job in todo}
+        remaining = set(futures)
+        try:
+            while remaining:
+                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job, outcome = futures[future], future.result()
+                    finished += [job.name] if outcome.get("finished") else []
+                    elapsed = time.perf_counter() - started
+                    echo(f"[{len(spec.jobs) - len(pending(spec))}/{len(spec.jobs)}] {job.name}: "
+                         f"{outcome['summary']} ({elapsed / 60:.1f} min so far)")
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)
+            echo("interrupted: finished runs are saved and running ones checkpointed; run the same command to continue")
+            raise
+    return finished
+
+
+def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) -> dict[str, Any]:
+    """Train (or resume) one job, evaluate it, write its result JSON. Runs in a worker."""
+    import torch
+
+    from infmoe.checkpoint import load_checkpoint
+    from infmoe.training import CHECKPOINT, resolve, train
+
+    settings = dict(job.settings, progress=False)
+    checkpoint = Path(settings["out_dir"]) / CHECKPOINT
+    started = time.perf_counter()
+    if checkpoint.exists():
+        settings["resume"] = True
+    cfg, model_config = resolve(settings)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    done_steps = load_checkpoint(checkpoint).state.get("step", 0) if checkpoint.exists() else 0
+    if done_steps < cfg.max_steps:
+        result = train(cfg, model_config)
+        if result.interrupted_by:
+            return {"finished": False, "summary": f"interrupted by {result.interrupted_by} at step {result.step}"}
+    train_seconds = time.perf_counter() - started
+    record = evaluate_job(job, checkpoint, eval_tokens, samples)
+    record["train_seconds_this_session"] = train_seconds
+    write_text(result_path, json.dumps(record, indent=1) + "\n")
+    head = record["headline"]
+    return {"finished": True, "summary": f"val loss {head['loss']:.4f} (ppl {head['perplexity']:.1f})"}
+
+
+def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int]) -> dict[str, Any]:
+    """Everything the report needs about one finished run."""
+    import torch
+
+    from infmoe.checkpoint import load_checkpoint
+    from infmoe.data import prepare, unigram_loss
+    from infmoe.evaluation import sweep_samples
+    from infmoe.layers import InfiniteMoE
+    from infmoe.params import parameter_report
+    from infmoe.training.batches import eval_batches
+
+    ckpt = load_checkpoint(checkpoint)
+    model, tokenizer = ckpt.build_model().eval(), ckpt.tokenizer()
+    cfg = ckpt.state["train_config"]
+    data = prepare(cfg["data"], cache_dir=cfg.get("cache_dir"), tokenizer=tokenizer, progress=False)
+    seq_len = cfg.get("seq_len") or model.config.n_ctx
+    batches = eval_batches(data.valid, seq_len, 16, eval_tokens)
+    layers = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
+    device = torch.device("cpu")
+    rows = sweep_samples(model, batches, device, samples=samples if layers else [1], include_mean=bool(layers))
+    trained_k = layers[0].n_samples if layers else 1
+    trained_mode = layers[0].mode if layers else "sample"
+    headline = next(r for r in rows if r.mode == trained_mode and (r.mode == "mean" or r.n_samples == trained_k))
+    report = parameter_report(model.config, job.run, samples=(1,))
+    record: dict[str, Any] = {
+        "run": job.run, "seed": job.seed, "settings": job.settings, "config": model.config.to_dict(),
+        "params": {"total": report.total, "active": report.active[1]},
+        "steps": ckpt.state["step"], "tokens_seen": ckpt.state["step"] * cfg["batch_size"] * cfg["grad_accum"]
+        * ckpt.state.get("world_size", 1) * seq_len,
+        "eval_tokens": sum(y.numel() for _, y in batches),
+        "headline": headline.to_dict(), "sweep": [r.to_dict() for r in rows],
+        "baselines": {"unigram": unigram_loss(data.train, data.valid, data.vocab_size),
+                      "bigram": bigram_loss(data.train, data.valid, data.vocab_size)},
+        "curve": read_curve(checkpoint.parent / "metrics.jsonl"),
+        "threads": torch.get_num_threads(),
+    }
+    if job.zeroshot:
+        record["zeroshot"] = zeroshot(model, tokenizer, job.zeroshot)
+    return record
+
+
+def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
+    from infmoe.evaluation.tasks import load_task
+    from infmoe.evaluation.zeroshot import evaluate_task
+
+    out = {}
+    for task, path in tasks.items():
+        result = evaluate_task(model, tokenizer, load_task(task, path), progress=False)
+        predictions = result.pop("predictions")
+        result["correct"] = [int(p["correct"]) for p in predictions]  # per item, for paired tests
+        out[task] = result
+    return out
+
+
+def read_curve(path: Path) -> dict[str, list[float]]:
+    """Train and validation loss over steps, from metrics.jsonl."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    curve: dict[str, list[float]] = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
+    for row in rows:
+        if "train/loss" in row:
+            curve["step"].append(row["step"])
+            curve["train_loss"].append(row["train/loss"])
+        if "val/loss" in row:
+            curve["val_step"].append(row["step"])
+            curve["val_loss"].append(row["val/loss"])
+    return curve
+
+
+def bigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int, alpha: float = 0.1) -> float:
+    """Cross-entropy (nats/token) on `valid` of an add-alpha bigram model counted on
+    `train`, interpolated with nothing: P(b | a) = (c(a, b) + alpha) / (c(a) + alpha · V)."""
+    train = np.asarray(train, dtype=np.int64)
+    valid = np.asarray(valid, dtype=np.int64)
+    pairs, counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+    first = np.bincount(train[:-1], minlength=vocab_size)
+    query = valid[:-1] * vocab_size + valid[1:]
+    position = np.clip(np.searchsorted(pairs, query), 0, len(pairs) - 1)
+    pair_counts = np.where(pairs[position] == query, counts[position], 0)
+    probs = (pair_counts + alpha) / (first[valid[:-1]] + alpha * vocab_size)
+    return float(-np.log(probs).mean())
+
+
+def spikes(losses: list[float], window: int = 5, threshold: float = 0.1) -> int:
+    """Loss spikes: logged losses more than `threshold` nats above the median of the
+    `window` before them (a smooth curve has none once past the first steps)."""
+    count = 0
+    for i in range(window, len(losses)):
+        if losses[i] > float(np.median(losses[i - window : i])) + threshold:
+            count += 1
+    return count
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std

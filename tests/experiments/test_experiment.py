@@ -1,0 +1,88 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from infmoe.cli import main
+from infmoe.errors import ConfigError
+from infmoe.experiments import load_spec
+from infmoe.experiments.runner import bigram_loss, spikes
+
+
+def write_spec(tmp_path, corpus, cache_dir, **extra) -> str:
+    spec = {
+        "data": str(corpus), "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+        "seeds": [0],
+        "train": dict(cache_dir=str(cache_dir), tokenizer="bpe", tokenizer_vocab=512, batch_size=4, max_steps=6,
+                      warmup_steps=1, eval_interval=3, eval_tokens=1024, log_interval=1, save_interval=3,
+                      tensorboard=False, threads=1, n_layer=1, d_model=32, n_head=2, n_ctx=32),
+        "eval": {"tokens": 1024, "samples": [1, 2]},
+        "runs": {"inf": {"config": "tiny-infmoe", "block_size": 16}, "dense": {"config": "tiny-dense"}},
+        "report": [{"id": "A", "runs": ["inf", "dense"]}, {"id": "C", "kind": "sweep", "runs": ["inf"]},
+                   {"id": "D", "kind": "curves", "runs": ["inf", "dense"]}],
+        **extra,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_micro_grid_runs_reports_and_skips_finished_runs(tmp_path, corpus, cache_dir, capsys):
+    spec = write_spec(tmp_path, corpus, cache_dir)
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# Results\n\nprose that must survive\n<!-- generated:A -->\nold\n<!-- end:A -->\n")
+    assert main(["experiment", spec, "--jobs", "2", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 2 runs already done" in out and "inf-seed0" in out and "dense-seed0" in out
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
+    assert set(records) == {"inf-seed0", "dense-seed0"}
+    inf = records["inf-seed0"]
+    assert inf["steps"] == 6 and [r["label"] for r in inf["sweep"]] == ["K=1", "K=2", "mean"]
+    assert inf["headline"]["label"] == "K=1" and len(inf["curve"]["train_loss"]) == 6
+    assert inf["baselines"]["bigram"] > 0 and inf["params"]["active"] < inf["params"]["total"]
+    text = report.read_text()
+    assert "prose that must survive" in text and "old" not in text
+    assert "| inf |" in text and "| bigram baseline |" in text and "results-C.png" in text
+    assert (tmp_path / "results-C.png").exists() and (tmp_path / "results-D.png").exists()
+
+    assert main(["experiment", spec, "--report", str(report)]) == 0  # nothing left to run
+    assert "2 of 2 runs already done; 0 to run" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_dir, micro, capsys):
+    spec_path = write_spec(tmp_path, corpus, cache_dir)
+    spec = load_spec(spec_path)
+    job = next(j for j in spec.jobs if j.run == "dense")
+    # a run stopped at step 3, as a killed grid leaves it
+    assert main(["train", *[x for k, v in {**job.settings, "stop_at": 3, "progress": False}.items()
+                            for x in (f"--{k}", str(v))]]) == 0
+    assert main(["experiment", spec_path, "--jobs", "1"]) == 0
+    record = json.loads(spec.result_path(job).read_text())
+    assert record["steps"] == 6 and record["curve"]["step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_spec_errors_are_caught_before_any_run(tmp_path, corpus, cache_dir):
+    bad = write_spec(tmp_path, corpus, cache_dir, runs={"x": {"config": "tiny-dense", "lrate": 1}})
+    with pytest.raises(ConfigError, match="run 'x'.*--lrate"):
+        load_spec(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_bigram_loss_matches_a_hand_computation():
+    train = np.array([0, 1, 0, 1, 0, 2])
+    valid = np.array([0, 1, 2])
+    # c(0,1) = 2, c(0) = 3, c(1,2) = 0, c(1) = 2; V = 3, alpha = 0.1
+    expected = -(math.log((2 + 0.1) / (3 + 0.3)) + math.log((0 + 0.1) / (2 + 0.3))) / 2
+    assert bigram_loss(train, valid, 3) == pytest.approx(expected)
+
+
+def test_spikes_counts_jumps_above_the_recent_median():
+    smooth = [5 - 0.01 * i for i in range(50)]
+    assert spikes(smooth) == 0
+    bumped = list(smooth)
+    bumped[20] += 0.5
+    bumped[40] += 0.3
+    assert spikes(bumped) == 2
