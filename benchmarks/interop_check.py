@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
@@ -45,8 +47,9 @@ def main() -> None:
                     b = theirs(idx).logits
                 label = "trust_remote_code" + (f", mode={mode}, K={k}" if mode != "-" else "")
                 print(f"| {name} export | {label} | {(a - b).abs().max().item():.2e} |")
+        eot = tokenizer.eot_id
         hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=192, n_head=6, vocab_size=tokenizer.vocab_size,
-                                        n_positions=256)).eval()
+                                        n_positions=256, bos_token_id=eot, eos_token_id=eot)).eval()
         hf.save_pretrained(Path(tmp) / "gpt2")
         ours = import_gpt2(Path(tmp) / "gpt2").eval()
         with torch.no_grad():

@@ -250,8 +250,9 @@ def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     model, tokenizer, _ = load_for_inference(args.model, args.device)
     requests = load_task(args.task, args.data, limit=args.limit)
     result = evaluate_task(model, tokenizer, requests, batch_size=args.batch_size, n_samples=args.samples,
-                           mode=args.mode, seed=args.seed, progress=True)
-    table = Table(title=f"{args.task}: {result['n']} items from {args.data}")
+                           mode=args.mode, seed=args.seed, progress=True, skip_too_long=args.skip_too_long)
+    skipped = f" ({result['skipped']} too long for the context left out)" if result["skipped"] else ""
+    table = Table(title=f"{args.task}: {result['n']} items from {args.data}{skipped}")
     for column in ("metric", "value", "stderr"):
         table.add_column(column, justify="right")
     for metric in ("acc", "acc_norm"):
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=("sample", "mean"))
     p.add_argument("--batch_size", "--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
+    p.add_argument("--skip-too-long", "--skip_too_long", action="store_true",
+                   help="leave out items whose continuation exceeds the model's context (else: an error)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the result as JSON here")

@@ -14,6 +14,15 @@ settings (tokenizer, vocab_size, valid_fraction, encoding_errors). Everything is
 into a temporary sibling folder that is renamed into place only when complete, and a
 folder whose meta.json is missing, unreadable or does not match is rebuilt, so an
 interrupted run never leaves a cache that a later run trusts.
+
+The corpus streams through: the source gives each split's documents lazily (see
+`infmoe.data.sources`), `write_tokens` encodes them a chunk (`infmoe.data.tokens.CHUNK_DOCS`
+documents) at a time and appends the ids to the split's file, so memory does not grow
+with the corpus. A BPE that must be trained sees the first `BPE_SAMPLE_CHARS` characters
+of the training split (whole documents, in corpus order; all of it when it is smaller): a
+bound the same for every corpus, so training takes bounded time and memory and its result
+depends only on the corpus. The bound is not part of the fingerprint, which it leaves as
+it was: a corpus under the bound gets the same tokenizer as before it existed.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +51,7 @@ FORMAT_VERSION = 1  # bump when the files' layout changes: old caches are then r
 META_FILE = "meta.json"
 TOKENIZERS = ("auto", "gpt2", "bpe")
 SPLITS = ("train", "valid")
+BPE_SAMPLE_CHARS = 2**28  # a trained BPE sees this many characters of training text (~256 MB)
 
 
 @dataclass
@@ -80,8 +91,9 @@ def prepare(
     """Tokenize `source` (see `infmoe.data.sources`) into token files, or reuse them.
 
     `tokenizer`: ``"gpt2"`` (tiktoken, needs it downloaded once), ``"bpe"`` (a byte-level
-    BPE of `vocab_size` ids trained on the training split), ``"auto"`` (GPT-2 when it
-    loads, else BPE), or a `Tokenizer` to use as it is (say, a checkpoint's, to evaluate
+    BPE of `vocab_size` ids trained on the training split, or on its first
+    `BPE_SAMPLE_CHARS` characters when it is larger), ``"auto"`` (GPT-2 when it loads,
+    else BPE), or a `Tokenizer` to use as it is (say, a checkpoint's, to evaluate
     on new text; `vocab_size` is then ignored). `valid_fraction` in (0, 1) is used only when the source has no
     validation split of its own. `encoding_errors`: ``"strict"`` rejects invalid UTF-8,
     ``"replace"`` turns it into U+FFFD. `progress` shows tqdm bars on stderr.
@@ -198,8 +210,10 @@ def _build(
     except OSError as e:
         raise _write_error(directory, e) from None
     try:
-        splits = src.load(settings["valid_fraction"], settings["encoding_errors"])
-        tokenizer = given or Tokenizer.train_bpe(splits.train, settings["vocab_size"], progress=progress)
+        splits = src.stream(settings["valid_fraction"], settings["encoding_errors"], progress=progress)
+        tokenizer = given or Tokenizer.train_bpe(
+            bpe_sample(splits.train), settings["vocab_size"], progress=progress
+        )
         tokenizer.save(tmp)
         documents = {"train": splits.train, "valid": splits.valid}
         counts = {
@@ -219,7 +233,7 @@ def _build(
             "eot_id": tokenizer.eot_id,
             "dtype": token_dtype(tokenizer.vocab_size).name,
             **{f"{s}_tokens": counts[s] for s in SPLITS},
-            **{f"{s}_documents": len(documents[s]) for s in SPLITS},
+            **{f"{s}_documents": documents[s].count for s in SPLITS},  # counted as they were written
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -228,6 +242,17 @@ def _build(
         raise _write_error(directory, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+
+
+def bpe_sample(documents: Iterable[str]) -> Iterator[str]:
+    """The documents a BPE is trained on: `documents` in order, up to and including the one
+    that brings their length to `BPE_SAMPLE_CHARS` characters (documents are never cut)."""
+    total = 0
+    for doc in documents:
+        yield doc
+        total += len(doc)
+        if total >= BPE_SAMPLE_CHARS:
+            return
 
 
 def _write_error(directory: Path, e: OSError) -> DataError:

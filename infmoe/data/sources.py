@@ -1,5 +1,5 @@
 """Where a corpus comes from: the embedded default, a local file or folder, or a Hugging Face
-dataset, each turned into a training and a validation list of documents.
+dataset, each turned into the documents of a training and a validation split.
 
 How a source string is read (`resolve_source`):
 
@@ -19,6 +19,23 @@ How a source string is read (`resolve_source`):
   ``validation`` (or ``valid``, else ``test``), else the last `valid_fraction` of train.
 - anything else that looks like a path (a suffix such as ``.txt``, a leading ``/``,
   ``.`` or ``~``, several ``/``) and does not exist: a `DataError`.
+
+`Source.stream` gives each split as `Documents`, read lazily each time they are iterated,
+so that a corpus far larger than memory can be tokenized:
+
+- a Hugging Face dataset is loaded with ``streaming=False`` (the default): `datasets`
+  downloads it once into its cache as Arrow files, which are memory-mapped, and its rows
+  are read `HF_BATCH_ROWS` at a time. When it has no held-out split, one counting pass
+  over the train split (a batch in memory at a time) finds how many documents it has and
+  the row where the last `valid_fraction` of them begins; the splits are then two row
+  ranges. (``streaming=True`` would download the corpus again on every pass, could not
+  use the offline cache, and cannot tell how many rows there are.)
+- a folder of ``*.txt`` files is read one file at a time; a first pass over the files
+  checks them and finds the ones with text (which decides the split).
+- the embedded corpus and single files, small or cut into documents by a rule that needs
+  the whole text, are read into lists.
+
+`Source.load` reads both splits into lists (for small corpora and tests).
 """
 
 from __future__ import annotations
@@ -30,13 +47,17 @@ import socket
 import sys
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from tqdm.auto import tqdm
+
 from infmoe.data.embedded import embedded_documents, embedded_text
-from infmoe.data.text import one_line, read_text, split_documents, split_tail
+from infmoe.data.text import one_line, read_text, split_documents, split_tail, tail_count
 from infmoe.errors import DataError
 
 EMBEDDED = "embedded"
@@ -51,6 +72,7 @@ _SPLIT_WORDS = {
 }
 _HF_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _PROBE_SECONDS = 3.0  # how long to wait for the Hub before calling the network absent
+HF_BATCH_ROWS = 1024  # dataset rows read at a time: ~5 MB for web pages (OpenWebText's average)
 
 
 @dataclass
@@ -61,9 +83,47 @@ class Splits:
     valid: list[str]
 
 
+class Documents:
+    """One split's documents in corpus order, read lazily: each iteration reads them again
+    from where they live (a list, the files, a dataset's memory-mapped Arrow cache), so a
+    corpus is never held in memory whole. `count` is how many there are: set up front when
+    the source has counted them, else None until an iteration has run to the end."""
+
+    def __init__(self, read: Callable[[], Iterator[str]], count: int | None = None):
+        self._read, self.count = read, count
+
+    @classmethod
+    def of(cls, documents: list[str]) -> Documents:
+        return cls(lambda: iter(documents), len(documents))
+
+    def __iter__(self) -> Iterator[str]:
+        n = 0
+        for doc in self._read():
+            n += 1
+            yield doc
+        self.count = n
+
+    def __length_hint__(self) -> int:  # operator.length_hint: for progress bars
+        return NotImplemented if self.count is None else self.count
+
+
+@dataclass
+class Streams:
+    """The `Documents` of each split (both non-empty)."""
+
+    train: Documents
+    valid: Documents
+
+    @classmethod
+    def of(cls, train: list[str], valid: list[str]) -> Streams:
+        return cls(Documents.of(train), Documents.of(valid))
+
+
 class Source(ABC):
     """A corpus. `identity` is cheap (no reading of the text) and changes whenever the
-    text may have changed; `load` reads and splits it."""
+    text may have changed; `stream` checks and splits it, ready to be read split by split.
+    Bad text raises a `DataError` from `stream`, not later while its documents are read
+    (unless the files change in between)."""
 
     description: str  # for people: "file /data/x.txt", "Hugging Face dataset wikitext:wikitext-2-raw-v1"
     slug: str  # for the cache folder's name
@@ -72,7 +132,13 @@ class Source(ABC):
     def identity(self) -> dict[str, Any]: ...
 
     @abstractmethod
-    def load(self, valid_fraction: float, encoding_errors: str) -> Splits: ...
+    def stream(self, valid_fraction: float, encoding_errors: str, *, progress: bool = False) -> Streams:
+        """The splits' `Documents`; `progress` shows tqdm bars for passes over the text."""
+
+    def load(self, valid_fraction: float, encoding_errors: str) -> Splits:
+        """`stream`'s splits read into lists."""
+        streams = self.stream(valid_fraction, encoding_errors)
+        return Splits(list(streams.train), list(streams.valid))
 
 
 def _slug(text: str) -> str:
@@ -84,9 +150,13 @@ def _stat(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
+def _no_text(where: str) -> DataError:
+    return DataError(f"{where} holds no text (it is empty or only whitespace); give a corpus with text")
+
+
 def _require_text(documents: list[str], where: str) -> list[str]:
     if not documents:
-        raise DataError(f"{where} holds no text (it is empty or only whitespace); give a corpus with text")
+        raise _no_text(where)
     return documents
 
 
@@ -106,8 +176,8 @@ class EmbeddedSource(Source):
         digest = hashlib.sha256(self.text.encode("utf-8")).hexdigest()
         return {"kind": EMBEDDED, "python": sys.version, "text_sha256": digest}
 
-    def load(self, valid_fraction: float, encoding_errors: str) -> Splits:
-        return Splits(
+    def stream(self, valid_fraction: float, encoding_errors: str, *, progress: bool = False) -> Streams:
+        return Streams.of(
             *split_tail(embedded_documents(self.text), valid_fraction, "documents", "the embedded corpus")
         )
 
@@ -123,9 +193,9 @@ class FileSource(Source):
     def identity(self) -> dict[str, Any]:
         return {"kind": "file", "files": [_stat(self.path)]}
 
-    def load(self, valid_fraction: float, encoding_errors: str) -> Splits:
+    def stream(self, valid_fraction: float, encoding_errors: str, *, progress: bool = False) -> Streams:
         docs = _require_text(_file_documents(self.path, encoding_errors), str(self.path))
-        return Splits(*split_tail(docs, valid_fraction, "documents", str(self.path)))
+        return Streams.of(*split_tail(docs, valid_fraction, "documents", str(self.path)))
 
 
 class FolderSource(Source):
@@ -160,20 +230,38 @@ class FolderSource(Source):
             "roles": {k: str(v) for k, v in roles.items() if v},
         }
 
-    def load(self, valid_fraction: float, encoding_errors: str) -> Splits:
+    def stream(self, valid_fraction: float, encoding_errors: str, *, progress: bool = False) -> Streams:
         if self.train_file:
             train = _require_text(_file_documents(self.train_file, encoding_errors), str(self.train_file))
             if self.valid_file is None:
-                return Splits(*split_tail(train, valid_fraction, "documents", str(self.train_file)))
-            return Splits(
+                return Streams.of(*split_tail(train, valid_fraction, "documents", str(self.train_file)))
+            return Streams.of(
                 train, _require_text(_file_documents(self.valid_file, encoding_errors), str(self.valid_file))
             )
-        per_file = [docs for p in self.files if (docs := _file_documents(p, encoding_errors))]
-        _require_text([d for docs in per_file for d in docs], f"the .txt files of {self.path}")
-        if len(per_file) == 1:
-            return Splits(*split_tail(per_file[0], valid_fraction, "documents", str(self.path)))
-        train_files, valid_files = split_tail(per_file, valid_fraction, "files", str(self.path))
-        return Splits([d for docs in train_files for d in docs], [d for docs in valid_files for d in docs])
+        # A first pass, a file in memory at a time, checks every file and counts its documents.
+        files = tqdm(self.files, desc="scan files", unit="file", disable=not progress)
+        counts = {p: n for p in files if (n := len(_file_documents(p, encoding_errors)))}
+        if not counts:
+            raise _no_text(f"the .txt files of {self.path}")
+        if len(counts) == 1:
+            (only,) = counts
+            return Streams.of(
+                *split_tail(
+                    _file_documents(only, encoding_errors), valid_fraction, "documents", str(self.path)
+                )
+            )
+        train_files, valid_files = split_tail(list(counts), valid_fraction, "files", str(self.path))
+        return Streams(
+            *(_files_documents(part, counts, encoding_errors) for part in (train_files, valid_files))
+        )
+
+
+def _files_documents(files: list[Path], counts: dict[Path, int], encoding_errors: str) -> Documents:
+    def read() -> Iterator[str]:
+        for path in files:
+            yield from _file_documents(path, encoding_errors)
+
+    return Documents(read, sum(counts[p] for p in files))
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -202,7 +290,8 @@ def _split_files(folder: Path) -> tuple[Path | None, Path | None]:
 
 
 class HFSource(Source):
-    """A Hugging Face dataset, loaded (and cached) by `datasets.load_dataset`."""
+    """A Hugging Face dataset, loaded (and cached, as memory-mapped Arrow files) by
+    `datasets.load_dataset`, read `HF_BATCH_ROWS` rows at a time."""
 
     def __init__(self, name: str, config: str | None, *, bare: bool):
         self.name, self.config, self.bare = name, config, bare
@@ -220,7 +309,7 @@ class HFSource(Source):
             f"{reason}; use a local file or folder, or 'embedded'"
         )
 
-    def load(self, valid_fraction: float, encoding_errors: str) -> Splits:
+    def stream(self, valid_fraction: float, encoding_errors: str, *, progress: bool = False) -> Streams:
         if not _hf_offline_mode():
             endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
             if not _reachable(endpoint):  # else the Hub client retries for ~25 s before failing
@@ -232,39 +321,112 @@ class HFSource(Source):
             import datasets  # lazily: importing it costs a second and it is only needed here
         except ImportError:
             raise self._fail("the 'datasets' package is missing (pip install datasets)") from None
-        try:
+        try:  # streaming=False, the default: Arrow files in the cache, memory-mapped, not read into RAM
             dataset = datasets.load_dataset(self.name, self.config)
         except Exception as e:  # noqa: BLE001 - ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             raise self._fail(one_line(e, 200)) from None
-        return self._splits(dataset, valid_fraction)
+        return self._streams(dataset, valid_fraction, progress)
 
-    def _splits(self, dataset: Any, valid_fraction: float) -> Splits:
+    def _streams(self, dataset: Any, valid_fraction: float, progress: bool) -> Streams:
         splits = list(dataset)
         if "train" not in splits:
             raise DataError(
                 f"Hugging Face dataset {self.label!r} has no train split (it has {', '.join(splits)}); "
                 f"use another dataset or a local file"
             )
-        docs = {
-            name: self._documents(dataset[name])
+        texts = {
+            name: self._texts(dataset[name])
             for name in splits
             if name in ("train", "validation", "valid", "test")
         }
-        train = _require_text(docs["train"], f"the train split of {self.label!r}")
-        held_out = next((docs[n] for n in ("validation", "valid", "test") if docs.get(n)), None)
-        if held_out is None:
-            return Splits(
-                *split_tail(train, valid_fraction, "documents", f"the train split of {self.label!r}")
-            )
-        return Splits(train, held_out)
+        train, where = texts["train"], f"the train split of {self.label!r}"
+        held_out = next(
+            (
+                texts[n]
+                for n in ("validation", "valid", "test")
+                if n in texts and _first_document_row(texts[n]) >= 0
+            ),
+            None,
+        )
+        if held_out is not None:
+            if _first_document_row(train) < 0:
+                raise _no_text(where)
+            return Streams(_hf_documents(train), _hf_documents(held_out))
+        # The last valid_fraction of train's documents: count them (a pass holding a batch
+        # of rows at a time), then cut the rows where the tail's first document is.
+        per_batch = _count_documents(train, progress)
+        n = sum(per_batch)
+        if not n:
+            raise _no_text(where)
+        n_train = n - tail_count(n, valid_fraction, "documents", where)
+        cut = _document_row(train, per_batch, n_train)
+        return Streams(
+            _hf_documents(train, 0, cut, n_train), _hf_documents(train, cut, train.num_rows, n - n_train)
+        )
 
-    def _documents(self, split: Any) -> list[str]:
+    def _texts(self, split: Any) -> Any:
+        """`split` narrowed to its ``text`` column (so no other column is ever read)."""
         if "text" not in split.column_names:
             raise DataError(
                 f"Hugging Face dataset {self.label!r} has no 'text' column "
                 f"(it has {', '.join(split.column_names)}); use a dataset with one"
             )
-        return [doc for doc in (t.strip() for t in split["text"] if isinstance(t, str)) if doc]
+        return split.select_columns(["text"])
+
+
+# A row of a dataset's text column is a document when it is a string with more than
+# whitespace; the document is that string stripped.
+
+
+def _is_document(text: object) -> bool:
+    return isinstance(text, str) and bool(text) and not text.isspace()  # == bool(text.strip()), no copy
+
+
+def _batches(split: Any, start: int, stop: int) -> Iterator[tuple[int, list]]:
+    """``(first row, texts)`` for each batch of at most `HF_BATCH_ROWS` rows in ``[start, stop)``."""
+    for row in range(start, stop, HF_BATCH_ROWS):
+        yield row, split[row : min(row + HF_BATCH_ROWS, stop)]["text"]
+
+
+def _hf_documents(split: Any, start: int = 0, stop: int | None = None, count: int | None = None) -> Documents:
+    """The documents of rows ``[start, stop)`` of `split`'s text column."""
+    stop = split.num_rows if stop is None else stop
+
+    def read() -> Iterator[str]:
+        for _, texts in _batches(split, start, stop):
+            yield from (text.strip() for text in texts if _is_document(text))
+
+    return Documents(read, count)
+
+
+def _document_rows(split: Any, start: int) -> Iterator[int]:
+    """The rows from `start` on that hold a document."""
+    for row, texts in _batches(split, start, split.num_rows):
+        yield from (row + i for i, text in enumerate(texts) if _is_document(text))
+
+
+def _first_document_row(split: Any) -> int:
+    """The first row that holds a document, -1 when none does."""
+    return next(_document_rows(split, 0), -1)
+
+
+def _count_documents(split: Any, progress: bool) -> list[int]:
+    """The number of documents in each batch of `_batches(split, 0, num_rows)`."""
+    per_batch = []
+    with tqdm(total=split.num_rows, desc="count documents", unit="row", disable=not progress) as bar:
+        for _, texts in _batches(split, 0, split.num_rows):
+            per_batch.append(sum(map(_is_document, texts)))
+            bar.update(len(texts))
+    return per_batch
+
+
+def _document_row(split: Any, per_batch: list[int], k: int) -> int:
+    """The row of document `k` (0-based; `k` < the total), from `_count_documents`' counts."""
+    for batch, n in enumerate(per_batch):
+        if k < n:
+            return next(islice(_document_rows(split, batch * HF_BATCH_ROWS), k, None))
+        k -= n
+    raise AssertionError("the split holds fewer documents than counted")  # not if the Arrow file stays
 
 
 def _hf_offline_mode() -> bool:

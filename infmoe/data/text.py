@@ -77,17 +77,22 @@ def split_documents(text: str) -> list[str]:
     return [doc for doc in (part.strip() for part in parts) if doc]
 
 
-def split_tail(items: Sequence[T], fraction: float, what: str, where: str) -> tuple[list[T], list[T]]:
-    """``(head, tail)``: the tail is the last `fraction` of `items` (rounded, at least one),
-    the head the rest (at least one). `DataError` when there are fewer than two items;
-    `what` ("documents", "files") and `where` name them in the message."""
-    if len(items) < 2:
+def tail_count(n: int, fraction: float, what: str, where: str) -> int:
+    """How many of `n` items make the last `fraction` (rounded, at least one, leaving at
+    least one before them). `DataError` when ``n < 2``; `what` ("documents", "files") and
+    `where` name the items in the message."""
+    if n < 2:
         raise DataError(
-            f"{where} has {len(items)} {what}, too few to split off a validation set; "
+            f"{where} has {n} {what}, too few to split off a validation set; "
             f"give more text (documents are separated by blank lines) or separate train/valid files"
         )
-    n_tail = min(len(items) - 1, max(1, round(len(items) * fraction)))
-    return list(items[: len(items) - n_tail]), list(items[len(items) - n_tail :])
+    return min(n - 1, max(1, round(n * fraction)))
+
+
+def split_tail(items: Sequence[T], fraction: float, what: str, where: str) -> tuple[list[T], list[T]]:
+    """``(head, tail)``: the tail is the last `tail_count` of `items`, the head the rest."""
+    cut = len(items) - tail_count(len(items), fraction, what, where)
+    return list(items[:cut]), list(items[cut:])
 
 
 def one_line(error: object, limit: int = 300) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sized
 from pathlib import Path
 
 import tiktoken
@@ -68,10 +68,11 @@ class Tokenizer:
             ) from None
 
     @classmethod
-    def train_bpe(cls, documents: Sequence[str], vocab_size: int, *, progress: bool = True) -> Tokenizer:
+    def train_bpe(cls, documents: Iterable[str], vocab_size: int, *, progress: bool = True) -> Tokenizer:
         """A byte-level BPE (GPT-2's pre-tokenisation, ``<|endoftext|>`` as its only special
         token, id 0) trained on `documents` up to `vocab_size` ids. A small corpus can end
-        with fewer ids; `vocab_size` of the result says how many."""
+        with fewer ids; `vocab_size` of the result says how many. `documents` may be any
+        iterable, read once as it goes (the trainer keeps word counts, not the text)."""
         check_bpe_vocab(vocab_size)
         backend = HFTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,7 +83,8 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not
             show_progress=progress,
         )
-        backend.train_from_iterator(documents, trainer=trainer, length=len(documents))
+        length = len(documents) if isinstance(documents, Sized) else None  # for the progress bar
+        backend.train_from_iterator(documents, trainer=trainer, length=length)
         return cls(backend)
 
     def encode(self, text: str) -> list[int]:

@@ -7,7 +7,8 @@ A split's file is every document's ids followed by ``<|endoftext|>``, in documen
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +28,31 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_tokens(
     tokenizer: Tokenizer,
-    documents: Sequence[str],
+    documents: Iterable[str],
     path: Path,
     *,
     progress: bool = True,
     desc: str = "tokenize",
 ) -> int:
-    """Encode `documents` in chunks and write them to `path` as ``doc EOT doc EOT ...``
-    ids of dtype `token_dtype(tokenizer.vocab_size)`. Returns the number of tokens."""
+    """Encode `documents` in chunks of `CHUNK_DOCS` and append each chunk to `path` as
+    ``doc EOT doc EOT ...`` ids of dtype `token_dtype(tokenizer.vocab_size)`, so only a
+    chunk of documents and their ids is in memory at a time; `documents` may be any
+    iterable (a list, a lazy `infmoe.data.sources.Documents`, a generator), read once.
+    Returns the number of tokens."""
     dtype = token_dtype(tokenizer.vocab_size)
+    eot = [tokenizer.eot_id]
     count = 0
+    docs = iter(documents)
     with (
         open(path, "wb") as f,
-        tqdm(total=len(documents), desc=desc, unit="doc", disable=not progress) as bar,
+        tqdm(
+            total=operator.length_hint(documents) or None, desc=desc, unit="doc", disable=not progress
+        ) as bar,
     ):
-        for start in range(0, len(documents), CHUNK_DOCS):
-            chunk = documents[start : start + CHUNK_DOCS]
-            eot = [tokenizer.eot_id]
+        while chunk := list(itertools.islice(docs, CHUNK_DOCS)):
             ids = np.fromiter(
                 itertools.chain.from_iterable(
-                    itertools.chain(doc, eot) for doc in tokenizer.encode_batch(list(chunk))
+                    itertools.chain(doc, eot) for doc in tokenizer.encode_batch(chunk)
                 ),
                 dtype=dtype,
             )

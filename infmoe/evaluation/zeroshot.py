@@ -91,6 +91,19 @@ def encode_requests(
     return encoded
 
 
+def fitting(tokenizer: Tokenizer, requests: Sequence[Request], n_ctx: int) -> list[Request]:
+    """The requests whose every continuation is 1 to n_ctx tokens (the others cannot be
+    scored by a model with that context, here or in lm-eval)."""
+    split = encode_pairs(tokenizer, [pair for r in requests for pair in r.pairs])
+    kept, start = [], 0
+    for request in requests:
+        end = start + len(request.pairs)
+        if all(1 <= len(target) <= n_ctx for _, target in split[start:end]):
+            kept.append(request)
+        start = end
+    return kept
+
+
 def batch_tensors(pairs: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded inputs (B, T) int64, targets (B, T) int64 and a mask (B, T) bool that is
     True where the target is a continuation token, T the longest input of the batch."""
@@ -197,18 +210,25 @@ def evaluate_task(
     seed: int = 1234,
     progress: bool = True,
     device: torch.device | str | None = None,
+    skip_too_long: bool = False,
 ) -> dict:
     """Zero-shot accuracy of `model` on `requests` (see `infmoe.evaluation.tasks.load_task`).
 
     n_samples, mode: ∞-MoE's K and mode for this evaluation (None keeps the model's).
     device: where the batches go; None means the device of the model's parameters.
     Memory: one batch's logits, batch_size × longest pair × vocabulary floats.
+    skip_too_long: leave out items with a continuation longer than the model's context
+    (counted in "skipped") instead of raising `DataError`.
 
-    Returns {"n", "acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "seconds",
+    Returns {"n", "skipped", "acc", "acc_stderr", ["acc_norm", "acc_norm_stderr",] "seconds",
     "predictions"}: acc_norm only when every request is length-normalised; "predictions" one
     dict per item (see `judge`).
     """
     positive_int("batch_size", batch_size)
+    skipped = 0
+    if skip_too_long:
+        kept = fitting(tokenizer, requests, model.config.n_ctx)
+        requests, skipped = kept, len(requests) - len(kept)
     if not requests:
         raise DataError("no requests to evaluate; load a task file with at least one record")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -234,7 +254,7 @@ def evaluate_task(
         end = start + len(request.pairs)
         predictions.append(judge(request, lls[start:end], greedy[start:end]))
         start = end
-    result: dict = {"n": len(requests)}
+    result: dict = {"n": len(requests), "skipped": skipped}
     metrics = ["acc"] + (["acc_norm"] if all("pred_norm" in p for p in predictions) else [])
     for metric in metrics:
         key = "correct" if metric == "acc" else "correct_norm"

@@ -26,7 +26,11 @@ def pending(spec: Spec) -> list[Job]:
     return [job for job in spec.jobs if not spec.result_path(job).exists()]
 
 
-def run_grid(spec: Spec, *, jobs: int = 2, echo=print) -> list[str]:
+def _echo(line: str) -> None:
+    print(line, flush=True)  # progress must reach a log file as it happens
+
+
+def run_grid(spec: Spec, *, jobs: int = 2, echo=_echo) -> list[str]:
     """Run every pending job of `spec`; returns the names of the jobs that finished now."""
     todo = pending(spec)
     echo(f"{len(spec.jobs) - len(todo)} of {len(spec.jobs)} runs already done; {len(todo)} to run, {jobs} at a time")
@@ -43,7 +47,11 @@ def run_grid(spec: Spec, *, jobs: int = 2, echo=print) -> list[str]:
             while remaining:
                 done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
                 for future in done:
-                    job, outcome = futures[future], future.result()
+                    job = futures[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
+                        outcome = {"summary": f"FAILED: {type(err).__name__}: {err}"}
                     finished += [job.name] if outcome.get("finished") else []
                     elapsed = time.perf_counter() - started
                     echo(f"[{len(spec.jobs) - len(pending(spec))}/{len(spec.jobs)}] {job.name}: "
@@ -130,7 +138,7 @@ def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
 
     out = {}
     for task, path in tasks.items():
-        result = evaluate_task(model, tokenizer, load_task(task, path), progress=False)
+        result = evaluate_task(model, tokenizer, load_task(task, path), progress=False, skip_too_long=True)
         predictions = result.pop("predictions")
         result["correct"] = [int(p["correct"]) for p in predictions]  # per item, for paired tests
         out[task] = result

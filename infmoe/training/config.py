@@ -31,7 +31,7 @@ class TrainConfig:
     seq_len: int | None = None  # None: the model's n_ctx
     batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 600  # length of the learning-rate schedule
+    max_steps: int = 400  # length of the learning-rate schedule
     stop_at: int | None = None  # stop (with a checkpoint) before max_steps, e.g. to split a job
     lr: float = 3e-3
     min_lr_ratio: float = 0.1

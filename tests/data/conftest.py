@@ -106,3 +106,22 @@ def gpt2_offline(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """`datasets.load_dataset` answering from memory: fill the returned dict with
+    ``{split: {column: values}}``; each load builds in-memory Arrow `datasets.Dataset`s
+    from it, the kind that ``load_dataset(..., streaming=False)`` returns."""
+    import datasets  # a declared dependency, imported here because it takes a second
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no reachability probe
+    served: dict = {}
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, config=None: datasets.DatasetDict(
+            {split: datasets.Dataset.from_dict(columns) for split, columns in served.items()}
+        ),
+    )
+    return served

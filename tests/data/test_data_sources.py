@@ -164,23 +164,6 @@ def test_wikitext2_folder_uses_its_train_and_valid_files(shared_data: Path, cach
 # --- Hugging Face datasets ----------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """`datasets.load_dataset` answering from memory with the splits given to it."""
-    import datasets  # a declared dependency, imported here because it takes a second
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no reachability probe
-    served: dict = {}
-    monkeypatch.setattr(
-        datasets,
-        "load_dataset",
-        lambda name, config=None: datasets.DatasetDict(
-            {split: datasets.Dataset.from_dict(columns) for split, columns in served.items()}
-        ),
-    )
-    return served
-
-
 def test_hf_train_and_validation_rows_are_documents(fake_hub, cache_dir: Path):
     fake_hub.update(
         train={"text": ["one\n\nstill one", "", "  two  "]},

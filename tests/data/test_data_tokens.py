@@ -49,3 +49,12 @@ def test_write_tokens_puts_eot_after_every_document_and_reads_back(tmp_path: Pat
     assert path.stat().st_size == 2 * count and not ids.flags.writeable
     expected = [i for doc in docs for i in [*tokenizer.encode(doc), tokenizer.eot_id]]
     assert ids.tolist() == expected
+
+
+def test_write_tokens_takes_any_iterable_and_reads_it_once(tmp_path: Path):
+    tokenizer = Tokenizer.train_bpe(["alpha beta", "gamma delta"] * 20, 270, progress=False)
+    docs = [f"alpha {i} gamma" for i in range(1100)]  # three chunks
+    from_list = write_tokens(tokenizer, docs, tmp_path / "list.bin", progress=False)
+    from_generator = write_tokens(tokenizer, (d for d in docs), tmp_path / "gen.bin", progress=False)
+    assert from_list == from_generator
+    assert (tmp_path / "list.bin").read_bytes() == (tmp_path / "gen.bin").read_bytes()

@@ -213,3 +213,20 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer, requests):
 def test_no_requests(dense, tokenizer):
     with pytest.raises(DataError, match="no requests"):
         evaluate_task(dense, tokenizer, [], progress=False)
+
+
+def test_skip_too_long_leaves_out_only_the_items_that_cannot_fit():
+    from infmoe import build_model
+    from infmoe.data import Tokenizer
+    from infmoe.errors import DataError
+    from infmoe.evaluation.tasks import Request
+    from infmoe.evaluation.zeroshot import evaluate_task
+
+    tokenizer = Tokenizer.train_bpe(["a b c d e f g h"] * 20, 300, progress=False)
+    model = build_model(dict(vocab_size=tokenizer.vocab_size, n_ctx=8, n_layer=1, d_model=16, n_head=2))
+    requests = [Request(contexts=("a b", "a b"), continuations=(" c" * length, " d"), gold=0)
+                for length in (2, 30, 3)]
+    with pytest.raises(DataError, match="item 1"):
+        evaluate_task(model, tokenizer, requests, progress=False)
+    result = evaluate_task(model, tokenizer, requests, progress=False, skip_too_long=True)
+    assert result["n"] == 2 and result["skipped"] == 1

@@ -86,3 +86,23 @@ def test_spikes_counts_jumps_above_the_recent_median():
     bumped[20] += 0.5
     bumped[40] += 0.3
     assert spikes(bumped) == 2
+
+
+def test_the_shipped_specs_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    laptop = load_spec(root / "laptop.yaml")
+    assert len(laptop.jobs) >= 40 and {s["id"] for s in laptop.report} == set("ABCDE")
+    assert {j.run for j in laptop.jobs} >= {"infmoe", "dense-active", "dense-total", "moe-top4of8", "switch-top1of2"}
+    assert len(load_spec(root / "gpu-openwebtext.yaml").jobs) == 4
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, corpus, cache_dir, capsys):
+    spec = write_spec(tmp_path, corpus, cache_dir,
+                      eval={"tokens": 1024, "samples": [1], "zeroshot": {"piqa": str(tmp_path / "missing.jsonl")}},
+                      runs={"broken": {"config": "tiny-dense", "zeroshot": True}, "fine": {"config": "tiny-dense"}})
+    assert main(["experiment", spec, "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "broken-seed0: FAILED: DataError" in out and "fine-seed0: val loss" in out
+    assert [p.stem for p in (tmp_path / "results").glob("*.json")] == ["fine-seed0"]

@@ -1,0 +1,57 @@
+"""Estimated training throughput of the GPU-scale configs on one H100, from FLOPs.
+
+    python benchmarks/gpu_estimate.py [--mfu 0.4] [--tokens 10e9]
+
+An estimate, not a measurement: training FLOPs per token (3 x the forward FLOPs of every
+matmul the token actually goes through, attention over a full 1024-token context; for
+∞-MoE on the masked path that is the whole large FFN) divided into an H100 SXM's dense
+bf16 peak (989 TFLOP/s) times an assumed model FLOP utilisation.
+"""
+
+import argparse
+
+import torch
+
+from infmoe.layers import InfiniteMoE
+from infmoe.models import GPT, get_config
+
+H100_BF16_DENSE_TFLOPS = 989.0
+CONFIGS = ("gpt2-small-dense", "gpt2-small-moe", "gpt2-small-infmoe", "gpt2-medium-dense")
+
+
+def executed_flops_per_token(model: GPT) -> float:
+    """Forward FLOPs per token that the chosen execution path performs."""
+    c = model.config
+    attention = 2 * 4 * c.d_model**2 + 2 * 2 * c.d_model * c.n_ctx
+    total = 2 * c.d_model * c.vocab_size
+    for ffn in model.ffn_layers():
+        flops = ffn.flops_per_token(1)
+        if isinstance(ffn, InfiniteMoE) and not ffn.uses_sparse(1):
+            flops += 2 * 2 * ffn.d_model * ffn.d_hidden * (1 - ffn.union_fraction_bound(1))  # masked: all of H
+        total += attention + flops
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation")
+    parser.add_argument("--tokens", type=float, default=10e9, help="training tokens for the hours column")
+    args = parser.parse_args()
+    print(f"| config | path | training GFLOP/token | est. tokens/s (MFU {args.mfu:.0%}) | "
+          f"est. hours for {args.tokens / 1e9:g}B tokens |")
+    print("|---|---|---|---|---|")
+    for name in CONFIGS:
+        for block in ([None, 256] if name.endswith("infmoe") else [None]):
+            config = get_config(name, **({"block_size": block} if block else {}))
+            with torch.device("meta"):
+                model = GPT(config)
+            train_flops = 3 * executed_flops_per_token(model)
+            tokens_per_s = H100_BF16_DENSE_TFLOPS * 1e12 * args.mfu / train_flops
+            routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
+            path = ("sparse" if routed[0].uses_sparse(1) else "masked") + f", B={routed[0].block_size}" if routed else "-"
+            print(f"| {name}{f' --block_size {block}' if block else ''} | {path} | {train_flops / 1e9:.2f} | "
+                  f"{tokens_per_s:,.0f} | {args.tokens / tokens_per_s / 3600:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
