@@ -201,6 +201,8 @@ def test_an_unknown_hf_dataset_fails_fast_with_one_line(
     cache_dir: Path, one_line_error, monkeypatch, tmp_path: Path
 ):
     monkeypatch.chdir(tmp_path)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # exercise the reachability probe
+        monkeypatch.delenv(name, raising=False)
     start = time.perf_counter()
     one_line_error(
         DataError,

@@ -93,7 +93,8 @@ def test_matches_brute_force_reference(dense, tokenizer, requests):
         if request.greedy:
             assert prediction["correct"] == expected[0][1]
     assert result["n"] == len(requests)
-    assert set(result) == {"n", "acc", "acc_stderr", "seconds", "predictions"}  # some requests lack acc_norm
+    assert set(result) == {"n", "skipped", "acc", "acc_stderr", "seconds", "predictions"}  # some lack acc_norm
+    assert result["skipped"] == 0
 
 
 def test_batching_does_not_change_scores(dense, infinite, tokenizer, requests):
