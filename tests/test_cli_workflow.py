@@ -161,3 +161,14 @@ def test_upcycle_a_dense_model_and_continue_training(tmp_path, micro, capsys):
     capsys.readouterr()
     assert main(["train", *argv(settings), "--init_from", str(upcycled), "--n_layer", "3"]) == 2
     one_error_line(capsys, "--init_from takes the model config")
+
+
+@pytest.mark.parametrize("signal_name,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_train_exits_with_the_signal_status(tmp_path, micro, monkeypatch, capsys, signal_name, status):
+    import infmoe.cli as cli
+    from infmoe.training import TrainResult
+
+    stopped = TrainResult(tmp_path, tmp_path / "checkpoint.safetensors", 3, None, 5.0, signal_name)
+    monkeypatch.setattr(cli, "train", lambda cfg, model_config: stopped)
+    assert main(["train", *argv(micro(tmp_path))]) == status
+    assert "continue with: infmoe train" in capsys.readouterr().err

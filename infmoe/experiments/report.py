@@ -50,25 +50,26 @@ def _m(x: float) -> str:
 
 
 def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
-    lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes | train min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         records = results.get(run, [])
         if not records:
-            lines.append(f"| {run} | (no finished runs) | | | | | | |")
+            lines.append(f"| {run} | (no finished runs) | | | | | | | |")
             continue
         first = records[0]
         losses = [r["headline"]["loss"] for r in records]
         lines.append(
             f"| {run} | {_m(first['params']['total'])} | {_m(first['params']['active'])} | "
             f"{first['tokens_seen'] / 1e6:.2f}M | {len(records)} | {_pm(losses)} | "
-            f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} |"
+            f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} | "
+            f"{_pm([r['train_seconds_this_session'] / 60 for r in records], '.1f')} |"
         )
     base = next((r for run in runs for r in results.get(run, [])), None)
     if base is not None:
         for name in ("unigram", "bigram"):
             loss = base["baselines"][name]
-            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | |")
+            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | | |")
     return "\n".join(lines)
 
 

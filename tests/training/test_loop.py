@@ -35,13 +35,14 @@ def test_resume_continues_bit_exactly(tmp_path, micro, config):
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
 
 
-def test_sigint_saves_a_checkpoint_that_resumes(tmp_path, micro):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, micro, sig):
     def interrupt(step, loss):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     result, _ = run(micro(tmp_path), on_step=interrupt)
-    assert result.interrupted_by == "SIGINT" and result.step == 3
+    assert result.interrupted_by == sig.name and result.step == 3
     assert load_checkpoint(result.checkpoint).state["step"] == 3
     resumed, _ = run(micro(tmp_path, resume=True))
     assert resumed.step == 8 and resumed.interrupted_by is None
