@@ -144,10 +144,10 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
                          include_mean=routed and args.mode in ("mean", "both"),
                          include_sample=args.mode in ("sample", "both") or not routed, seed=args.seed)
     table = Table(title=f"{args.checkpoint} on {source} (validation, {sum(y.numel() for _, y in batches):,} tokens)")
-    for column in ("setting", "loss", "perplexity", "ms/token"):
+    for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.ms_per_token:.4f}")
+        table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}")
     _console().print(table)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"
     report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": sum(y.numel() for _, y in batches),

@@ -66,6 +66,7 @@ class SweepRow:
     n_samples: int
     loss: float
     perplexity: float
+    accuracy: float  # share of tokens whose most likely prediction is the actual next token
     ms_per_token: float
 
     def to_dict(self) -> dict:
@@ -76,7 +77,7 @@ class SweepRow:
 def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples: Sequence[int] = (1, 2, 4, 8),
                   include_mean: bool = True, include_sample: bool = True, seed: int = 1234,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[SweepRow]:
-    """Loss, perplexity and wall-clock ms/token for each K (and mean mode).
+    """Loss, perplexity, next-token accuracy and wall-clock ms/token for each K (and mean mode).
 
     Settings are interleaved batch by batch, so drift in the machine's speed hits them
     all alike; ms/token is the median over batches of forward time / tokens. Each
@@ -86,6 +87,7 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
     settings += [("mean", 1)] if include_mean else []
     model.eval()
     totals = [0.0] * len(settings)
+    hits = [0] * len(settings)
     times: list[list[float]] = [[] for _ in settings]
     count = 0
     for b, (x, y) in enumerate(batches):
@@ -98,12 +100,14 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
                 _sync(device)
                 times[i].append((time.perf_counter() - start) / y.numel())
             totals[i] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            hits[i] += int((logits.argmax(dim=-1) == y).sum())
         count += y.numel()
     rows = []
     for i, (mode, k) in enumerate(settings):
         loss = totals[i] / count
         label = "mean" if mode == "mean" else f"K={k}"
-        rows.append(SweepRow(label, mode, k, loss, math.exp(loss), 1e3 * sorted(times[i])[len(times[i]) // 2]))
+        rows.append(SweepRow(label, mode, k, loss, math.exp(loss), hits[i] / count,
+                             1e3 * sorted(times[i])[len(times[i]) // 2]))
     return rows
 
 

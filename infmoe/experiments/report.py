@@ -109,7 +109,8 @@ def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| run | setting | val loss | val perplexity | ms/token |", "|---|---|---|---|---|"]
+    lines = ["| run | setting | val loss | val perplexity | next-token accuracy | ms/token |",
+             "|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         records = results.get(run, [])
@@ -120,8 +121,9 @@ def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path,
         for label in labels:
             rows = [next(x for x in r["sweep"] if x["label"] == label) for r in records]
             losses, ms = [x["loss"] for x in rows], [x["ms_per_token"] for x in rows]
+            accuracy = _pm([x["accuracy"] for x in rows]) if all("accuracy" in x for x in rows) else "-"
             lines.append(f"| {run} | {label} | {_pm(losses)} | {_pm([math.exp(v) for v in losses], '.1f')} | "
-                         f"{_pm(ms, '.3f')} |")
+                         f"{accuracy} | {_pm(ms, '.3f')} |")
             points.append((label, sum(ms) / len(ms), sum(losses) / len(losses)))
         sampled = [p for p in points if p[0] != "mean"]
         ax.plot([p[1] for p in sampled], [p[2] for p in sampled], "-o", label=f"{run}: K samples")
