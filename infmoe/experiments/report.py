@@ -50,12 +50,15 @@ def _m(x: float) -> str:
 
 
 def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
-    lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes | train min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """Per run, mean ± std over seeds. σ: the router's mean σ over the last logged steps
+    (∞-MoE only); K=16 − K=1: validation loss with 16 samples minus with 1."""
+    lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes | "
+             "final σ | K=16 − K=1 | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         records = results.get(run, [])
         if not records:
-            lines.append(f"| {run} | (no finished runs) | | | | | | | |")
+            lines.append(f"| {run} | (no finished runs) | | | | | | | | | |")
             continue
         first = records[0]
         losses = [r["headline"]["loss"] for r in records]
@@ -63,14 +66,29 @@ def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
             f"| {run} | {_m(first['params']['total'])} | {_m(first['params']['active'])} | "
             f"{first['tokens_seen'] / 1e6:.2f}M | {len(records)} | {_pm(losses)} | "
             f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} | "
+            f"{_final_sigma(records)} | {_k_gap(records)} | "
             f"{_pm([r['train_seconds_this_session'] / 60 for r in records], '.1f')} |"
         )
     base = next((r for run in runs for r in results.get(run, [])), None)
     if base is not None:
         for name in ("unigram", "bigram"):
             loss = base["baselines"][name]
-            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | | |")
+            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | | | | |")
     return "\n".join(lines)
+
+
+def _final_sigma(records: list[dict]) -> str:
+    values = [r["curve"]["sigma_mean"][-1] for r in records if r["curve"].get("sigma_mean")]
+    return _pm(values) if values else "-"
+
+
+def _k_gap(records: list[dict]) -> str:
+    gaps = []
+    for r in records:
+        by_label = {x["label"]: x["loss"] for x in r["sweep"]}
+        if "K=16" in by_label and "K=1" in by_label:
+            gaps.append(by_label["K=16"] - by_label["K=1"])
+    return _pm(gaps, "+.4f") if gaps else "-"
 
 
 def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:

@@ -33,7 +33,9 @@ def _echo(line: str) -> None:
 def run_grid(spec: Spec, *, jobs: int = 2, echo=_echo) -> list[str]:
     """Run every pending job of `spec`; returns the names of the jobs that finished now."""
     todo = pending(spec)
-    echo(f"{len(spec.jobs) - len(todo)} of {len(spec.jobs)} runs already done; {len(todo)} to run, {jobs} at a time")
+    refreshed = refresh_curves(spec)
+    echo(f"{len(spec.jobs) - len(todo)} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from "
+         f"their logs); {len(todo)} to run, {jobs} at a time")
     finished: list[str] = []
     if not todo:
         return finished
@@ -145,18 +147,41 @@ def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+ROUTING_SERIES = ("sigma_mean", "kl", "union_fraction", "usage_entropy", "ever_used_fraction", "load_balance")
+
+
 def read_curve(path: Path) -> dict[str, list[float]]:
-    """Train and validation loss over steps, from metrics.jsonl."""
+    """Train and validation loss over steps, and the routing statistics logged with the
+    training loss, from metrics.jsonl."""
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     curve: dict[str, list[float]] = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     for row in rows:
         if "train/loss" in row:
             curve["step"].append(row["step"])
             curve["train_loss"].append(row["train/loss"])
+            for name in ROUTING_SERIES:
+                if f"routing/{name}" in row:
+                    curve.setdefault(name, []).append(row[f"routing/{name}"])
         if "val/loss" in row:
             curve["val_step"].append(row["step"])
             curve["val_loss"].append(row["val/loss"])
     return curve
+
+
+def refresh_curves(spec: Spec) -> int:
+    """Re-read the curve of every finished run from its metrics.jsonl (no retraining), so
+    results written by an older version gain what `read_curve` now records."""
+    refreshed = 0
+    for job in spec.jobs:
+        result, metrics = spec.result_path(job), Path(job.settings["out_dir"]) / "metrics.jsonl"
+        if result.exists() and metrics.exists():
+            record = json.loads(result.read_text())
+            curve = read_curve(metrics)
+            if curve != record.get("curve"):
+                record["curve"] = curve
+                write_text(result, json.dumps(record, indent=1) + "\n")
+                refreshed += 1
+    return refreshed
 
 
 def bigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int, alpha: float = 0.1) -> float:

@@ -42,13 +42,14 @@ def test_micro_grid_runs_reports_and_skips_finished_runs(tmp_path, corpus, cache
     assert inf["steps"] == 6 and [r["label"] for r in inf["sweep"]] == ["K=1", "K=2", "mean"]
     assert inf["headline"]["label"] == "K=1" and len(inf["curve"]["train_loss"]) == 6
     assert inf["baselines"]["bigram"] > 0 and inf["params"]["active"] < inf["params"]["total"]
+    assert len(inf["curve"]["sigma_mean"]) == 6 and "sigma_mean" not in records["dense-seed0"]["curve"]
     text = report.read_text()
     assert "prose that must survive" in text and "old" not in text
     assert "| inf |" in text and "| bigram baseline |" in text and "results-C.png" in text
     assert (tmp_path / "results-C.png").exists() and (tmp_path / "results-D.png").exists()
 
     assert main(["experiment", spec, "--report", str(report)]) == 0  # nothing left to run
-    assert "2 of 2 runs already done; 0 to run" in capsys.readouterr().out
+    assert "2 of 2 runs already done (0 curves re-read from their logs); 0 to run" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_dir, micro, capsys):
@@ -93,7 +94,7 @@ def test_the_shipped_specs_are_valid():
 
     root = Path(__file__).resolve().parents[2] / "experiments"
     laptop = load_spec(root / "laptop.yaml")
-    assert len(laptop.jobs) >= 40 and {s["id"] for s in laptop.report} == set("ABCDE")
+    assert len(laptop.jobs) >= 40 and {s["id"] for s in laptop.report} >= set("ABCDE")
     assert {j.run for j in laptop.jobs} >= {"infmoe", "dense-active", "dense-total", "moe-top4of8", "switch-top1of2"}
     assert len(load_spec(root / "gpu-openwebtext.yaml").jobs) == 4
 
