@@ -216,7 +216,7 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
     spec = load_spec(args.spec)
     if not args.report_only:
-        run_grid(spec, jobs=args.jobs)
+        run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None)
     if args.report:
         results = load_results(spec.results_dir)
         update_markdown(Path(args.report), build_sections(spec.report, results, Path(args.report)))
@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (give each one thread in the spec)")
     p.add_argument("--report", default=None, help="markdown file to write the report sections into")
     p.add_argument("--report-only", "--report_only", action="store_true", help="only regenerate the report")
+    p.add_argument("--only", default=None, metavar="RUN,...",
+                   help="run only these runs ('infmoe') or jobs ('infmoe-seed1'), e.g. to spend a short "
+                        "budget on the main comparisons first")
     p.set_defaults(handler=cmd_experiment, overrides=False)
 
     p = sub.add_parser("export", help="write a checkpoint in Hugging Face format (config.json + safetensors)",

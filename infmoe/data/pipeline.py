@@ -3,8 +3,9 @@
 A prepared corpus is one folder ``<cache_dir>/<slug>-<hash>`` holding
 
 - ``train.bin``, ``valid.bin``: token ids (see `infmoe.data.tokens`), uint16 or uint32;
-- ``meta.json``: format version, source description, fingerprint, tokenizer name,
-  vocab_size, dtype, token and document counts;
+- ``meta.json``: format version, source description, fingerprint, content_sha256 (of the
+  tokenizer files and the token ids: what the data is, wherever the corpus lives),
+  tokenizer name, vocab_size, dtype, token and document counts;
 - the tokenizer: ``tokenizer.json`` (a trained BPE) or ``tiktoken.json`` (GPT-2).
 
 ``<hash>`` is the start of the fingerprint, a SHA-256 of the source's identity (for local
@@ -215,10 +216,14 @@ def _build(
             bpe_sample(splits.train), settings["vocab_size"], progress=progress
         )
         tokenizer.save(tmp)
+        # What the tokens are, independent of where the corpus lives and its files' mtimes
+        # (a copied corpus is the same data): `--resume` compares this.
+        content = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(tmp.iterdir())))
         documents = {"train": splits.train, "valid": splits.valid}
         counts = {
             s: write_tokens(
-                tokenizer, documents[s], tmp / f"{s}.bin", progress=progress, desc=f"tokenize {s}"
+                tokenizer, documents[s], tmp / f"{s}.bin", progress=progress, desc=f"tokenize {s}",
+                digest=content,
             )
             for s in SPLITS
         }
@@ -226,6 +231,7 @@ def _build(
             "format": FORMAT_VERSION,
             "source": src.description,
             "fingerprint": fingerprint,
+            "content_sha256": content.hexdigest(),
             "identity": src.identity(),
             "settings": settings,
             "tokenizer": tokenizer.name,

@@ -11,6 +11,8 @@ import operator
 from collections.abc import Iterable
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -33,12 +35,13 @@ def write_tokens(
     *,
     progress: bool = True,
     desc: str = "tokenize",
+    digest: Any = None,
 ) -> int:
     """Encode `documents` in chunks of `CHUNK_DOCS` and append each chunk to `path` as
     ``doc EOT doc EOT ...`` ids of dtype `token_dtype(tokenizer.vocab_size)`, so only a
     chunk of documents and their ids is in memory at a time; `documents` may be any
     iterable (a list, a lazy `infmoe.data.sources.Documents`, a generator), read once.
-    Returns the number of tokens."""
+    `digest` (a hashlib object), if given, is fed the bytes written. Returns the number of tokens."""
     dtype = token_dtype(tokenizer.vocab_size)
     eot = [tokenizer.eot_id]
     count = 0
@@ -57,6 +60,8 @@ def write_tokens(
                 dtype=dtype,
             )
             f.write(ids.tobytes())
+            if digest is not None:
+                digest.update(ids.tobytes())
             count += len(ids)
             bar.update(len(chunk))
     return count

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from infmoe.errors import ConfigError
 from infmoe.experiments.spec import Job, Spec
 from infmoe.io import write_text
 
@@ -26,16 +27,29 @@ def pending(spec: Spec) -> list[Job]:
     return [job for job in spec.jobs if not spec.result_path(job).exists()]
 
 
+def select_jobs(spec: Spec, only: list[str]) -> list[Job]:
+    """The jobs named in `only`, each entry a run ("infmoe") or one seed of it ("infmoe-seed1")."""
+    known = {job.run for job in spec.jobs} | {job.name for job in spec.jobs}
+    unknown = [name for name in only if name not in known]
+    if unknown:
+        raise ConfigError(f"--only: no run or job named {', '.join(unknown)} in the spec; "
+                         f"its runs are {', '.join(dict.fromkeys(job.run for job in spec.jobs))}")
+    return [job for job in spec.jobs if job.run in only or job.name in only]
+
+
 def _echo(line: str) -> None:
     print(line, flush=True)  # progress must reach a log file as it happens
 
 
-def run_grid(spec: Spec, *, jobs: int = 2, echo=_echo) -> list[str]:
-    """Run every pending job of `spec`; returns the names of the jobs that finished now."""
-    todo = pending(spec)
+def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, echo=_echo) -> list[str]:
+    """Run every pending job of `spec` (or of those named in `only`, in spec order); returns the
+    names of the jobs that finished now."""
+    chosen = {job.name for job in (select_jobs(spec, only) if only else spec.jobs)}
+    todo = [job for job in pending(spec) if job.name in chosen]
     refreshed = refresh_curves(spec)
-    echo(f"{len(spec.jobs) - len(todo)} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from "
-         f"their logs); {len(todo)} to run, {jobs} at a time")
+    done = len(spec.jobs) - len(pending(spec))
+    echo(f"{done} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from their logs); "
+         f"{len(todo)} to run now, {jobs} at a time")
     finished: list[str] = []
     if not todo:
         return finished

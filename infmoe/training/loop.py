@@ -36,7 +36,8 @@ from infmoe.training.optim import build_optimizer, lr_at
 
 CHECKPOINT = "checkpoint.safetensors"
 # Settings a resumed run must share with the run it continues, or its losses would differ.
-_RESUME_INVARIANTS = ("data", "tokenizer", "tokenizer_vocab", "seq_len", "seed")
+# Not `data`: the prepared tokens are compared instead, so a moved corpus still resumes.
+_RESUME_INVARIANTS = ("tokenizer", "tokenizer_vocab", "seq_len", "seed")
 
 
 class TrainingDiverged(InfmoeError):
@@ -247,6 +248,13 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
 
 
+def _same_data(saved: dict, current: dict) -> bool:
+    """Whether two prepared-data metas hold the same tokens: by content where both recorded it
+    (so a corpus that was copied or touched still resumes), else by the source fingerprint."""
+    key = "content_sha256" if "content_sha256" in saved and "content_sha256" in current else "fingerprint"
+    return saved.get(key) == current.get(key)
+
+
 def _resumable(path: Path, cfg: TrainConfig, model_config: GPTConfig, data_meta: dict, world: World) -> Checkpoint:
     """The checkpoint to continue from, after checking the run can continue exactly."""
     if not path.exists():
@@ -265,7 +273,7 @@ def _resumable(path: Path, cfg: TrainConfig, model_config: GPTConfig, data_meta:
     if changed:
         raise CheckpointError(f"--resume: {', '.join(changed)} differ from the checkpoint's run, so it cannot "
                               "continue exactly; use the same values or a new --out_dir")
-    if ckpt.state.get("data", {}).get("meta", {}).get("fingerprint") != data_meta.get("fingerprint"):
+    if not _same_data(ckpt.state.get("data", {}).get("meta", {}), data_meta):
         raise CheckpointError("--resume: the prepared data differs from the checkpoint's (the corpus changed?); "
                               "restore it or train into a new --out_dir")
     if ckpt.optimizer is None:

@@ -49,7 +49,7 @@ def test_micro_grid_runs_reports_and_skips_finished_runs(tmp_path, corpus, cache
     assert (tmp_path / "results-C.png").exists() and (tmp_path / "results-D.png").exists()
 
     assert main(["experiment", spec, "--report", str(report)]) == 0  # nothing left to run
-    assert "2 of 2 runs already done (0 curves re-read from their logs); 0 to run" in capsys.readouterr().out
+    assert "2 of 2 runs already done (0 curves re-read from their logs); 0 to run now" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_dir, micro, capsys):
@@ -59,9 +59,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_
     # a run stopped at step 3, as a killed grid leaves it
     assert main(["train", *[x for k, v in {**job.settings, "stop_at": 3, "progress": False}.items()
                             for x in (f"--{k}", str(v))]]) == 0
-    assert main(["experiment", spec_path, "--jobs", "1"]) == 0
+    assert main(["experiment", spec_path, "--jobs", "1", "--only", "dense-seed0"]) == 0
     record = json.loads(spec.result_path(job).read_text())
     assert record["steps"] == 6 and record["curve"]["step"] == [1, 2, 3, 4, 5, 6]
+    assert "0 of 2 runs already done (0 curves re-read from their logs); 1 to run now" in capsys.readouterr().out
+    assert not (tmp_path / "results" / "inf-seed0.json").exists()  # --only left it alone
+    assert main(["experiment", spec_path, "--only", "dense,nope"]) == 2
+    assert "no run or job named nope in the spec; its runs are dense, inf" in capsys.readouterr().err
 
 
 def test_spec_errors_are_caught_before_any_run(tmp_path, corpus, cache_dir):

@@ -88,6 +88,19 @@ def test_resume_refuses_a_changed_setup(tmp_path, micro):
         run(micro(tmp_path / "empty", resume=True))
 
 
+def test_resume_follows_the_data_not_where_it_lives(tmp_path, micro, corpus):
+    run(micro(tmp_path / "run", stop_at=2))
+    moved = tmp_path / "moved" / "corpus.txt"  # same text, new path and mtime: prepared anew
+    moved.parent.mkdir()
+    moved.write_bytes(corpus.read_bytes())
+    resumed, _ = run(micro(tmp_path / "run", data=str(moved), resume=True, stop_at=3))
+    assert resumed.step == 3
+    edited = tmp_path / "edited.txt"
+    edited.write_text(corpus.read_text(encoding="utf-8") + " one more sentence.", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="prepared data differs"):
+        run(micro(tmp_path / "run", data=str(edited), resume=True))
+
+
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, micro, monkeypatch):
     first, _ = run(micro(tmp_path, stop_at=4))
     before = first.checkpoint.read_bytes()
