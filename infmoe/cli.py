@@ -212,11 +212,13 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    from infmoe.experiments import build_sections, load_results, load_spec, run_grid, update_markdown
+    from infmoe.experiments import build_sections, load_results, load_spec, refresh_curves, run_grid, update_markdown
 
     spec = load_spec(args.spec)
     if not args.report_only:
         run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None)
+    else:
+        refresh_curves(spec)  # where the runs' logs are here; a no-op on a clone without them
     if args.report:
         results = load_results(spec.results_dir)
         update_markdown(Path(args.report), build_sections(spec.report, results, Path(args.report)))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from infmoe.errors import ConfigError
-from infmoe.experiments.runner import mean_std, spikes
+from infmoe.experiments.runner import mean_std, spikes, training_minutes
 from infmoe.io import atomic_path, write_text
 
 
@@ -42,7 +42,7 @@ def load_results(results_dir: Path) -> dict[str, list[dict]]:
 
 def _pm(values: list[float], spec: str = ".3f") -> str:
     mean, std = mean_std(values)
-    return f"{mean:{spec}} ± {std:{spec}}" if len(values) > 1 else f"{mean:{spec}}"
+    return f"{mean:{spec}} ± {std:{spec.lstrip('+')}}" if len(values) > 1 else f"{mean:{spec}}"
 
 
 def _m(x: float) -> str:
@@ -67,7 +67,7 @@ def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
             f"{first['tokens_seen'] / 1e6:.2f}M | {len(records)} | {_pm(losses)} | "
             f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} | "
             f"{_final_sigma(records)} | {_k_gap(records)} | "
-            f"{_pm([r['train_seconds_this_session'] / 60 for r in records], '.1f')} |"
+            f"{_pm([training_minutes(r) for r in records], '.1f')} |"
         )
     base = next((r for run in runs for r in results.get(run, [])), None)
     if base is not None:

@@ -88,7 +88,6 @@ def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) ->
 
     settings = dict(job.settings, progress=False)
     checkpoint = Path(settings["out_dir"]) / CHECKPOINT
-    started = time.perf_counter()
     if checkpoint.exists():
         settings["resume"] = True
     cfg, model_config = resolve(settings)
@@ -99,9 +98,7 @@ def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) ->
         result = train(cfg, model_config)
         if result.interrupted_by:
             return {"finished": False, "summary": f"interrupted by {result.interrupted_by} at step {result.step}"}
-    train_seconds = time.perf_counter() - started
     record = evaluate_job(job, checkpoint, eval_tokens, samples)
-    record["train_seconds_this_session"] = train_seconds
     write_text(result_path, json.dumps(record, indent=1) + "\n")
     head = record["headline"]
     return {"finished": True, "summary": f"val loss {head['loss']:.4f} (ppl {head['perplexity']:.1f})"}
@@ -165,21 +162,34 @@ ROUTING_SERIES = ("sigma_mean", "kl", "union_fraction", "usage_entropy", "ever_u
 
 
 def read_curve(path: Path) -> dict[str, list[float]]:
-    """Train and validation loss over steps, and the routing statistics logged with the
-    training loss, from metrics.jsonl."""
+    """Train and validation loss over steps, training tokens/s, and the routing statistics
+    logged with the training loss, from metrics.jsonl. A resumed run logs the steps after its
+    checkpoint twice; the later row of each step wins, as it is the one the run continued from."""
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    curve: dict[str, list[float]] = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-    for row in rows:
-        if "train/loss" in row:
-            curve["step"].append(row["step"])
-            curve["train_loss"].append(row["train/loss"])
-            for name in ROUTING_SERIES:
-                if f"routing/{name}" in row:
-                    curve.setdefault(name, []).append(row[f"routing/{name}"])
-        if "val/loss" in row:
-            curve["val_step"].append(row["step"])
-            curve["val_loss"].append(row["val/loss"])
+    train = {row["step"]: row for row in rows if "train/loss" in row}
+    val = {row["step"]: row for row in rows if "val/loss" in row}
+    curve: dict[str, list[float]] = {"step": sorted(train), "train_loss": [], "val_step": sorted(val),
+                                     "val_loss": [val[s]["val/loss"] for s in sorted(val)]}
+    for step in curve["step"]:
+        row = train[step]
+        curve["train_loss"].append(row["train/loss"])
+        sources = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
+        for name, source in sources.items():
+            if source in row:
+                curve.setdefault(name, []).append(row[source])
     return curve
+
+
+def training_minutes(record: dict[str, Any]) -> float:
+    """Minutes spent in training steps, from the logged tokens/s of each logging interval
+    (validation and checkpoint time left out; a resumed run counted once)."""
+    curve = record["curve"]
+    tokens_per_step = record["tokens_seen"] / record["steps"]
+    previous, seconds = 0, 0.0
+    for step, rate in zip(curve["step"], curve.get("tokens_per_s", [])):
+        seconds += (step - previous) * tokens_per_step / rate
+        previous = step
+    return seconds / 60
 
 
 def refresh_curves(spec: Spec) -> int:
@@ -191,8 +201,9 @@ def refresh_curves(spec: Spec) -> int:
         if result.exists() and metrics.exists():
             record = json.loads(result.read_text())
             curve = read_curve(metrics)
-            if curve != record.get("curve"):
+            if curve != record.get("curve") or "train_seconds_this_session" in record:
                 record["curve"] = curve
+                record.pop("train_seconds_this_session", None)  # older versions: one session's time, see training_minutes
                 write_text(result, json.dumps(record, indent=1) + "\n")
                 refreshed += 1
     return refreshed

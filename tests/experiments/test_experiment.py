@@ -8,7 +8,7 @@ import yaml
 from infmoe.cli import main
 from infmoe.errors import ConfigError
 from infmoe.experiments import load_spec
-from infmoe.experiments.runner import bigram_loss, spikes
+from infmoe.experiments.runner import bigram_loss, read_curve, spikes, training_minutes
 
 
 def write_spec(tmp_path, corpus, cache_dir, **extra) -> str:
@@ -82,6 +82,20 @@ def test_bigram_loss_matches_a_hand_computation():
     # c(0,1) = 2, c(0) = 3, c(1,2) = 0, c(1) = 2; V = 3, alpha = 0.1
     expected = -(math.log((2 + 0.1) / (3 + 0.3)) + math.log((0 + 0.1) / (2 + 0.3))) / 2
     assert bigram_loss(train, valid, 3) == pytest.approx(expected)
+
+
+def test_a_resumed_log_counts_each_step_once(tmp_path):
+    rows = [{"step": 10, "train/loss": 5.0, "train/tokens_per_s": 100.0},
+            {"step": 20, "train/loss": 4.0, "train/tokens_per_s": 50.0},  # lost: the run died after it
+            {"step": 10, "val/loss": 4.5},
+            {"step": 20, "train/loss": 3.9, "train/tokens_per_s": 200.0, "routing/sigma_mean": 0.5}]
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = read_curve(log)
+    assert curve["step"] == [10, 20] and curve["train_loss"] == [5.0, 3.9] and curve["val_loss"] == [4.5]
+    assert curve["sigma_mean"] == [0.5]
+    # 10 steps of 100 tokens at 100 tokens/s, then 10 at 200 tokens/s: 15 s
+    assert training_minutes({"curve": curve, "tokens_seen": 2000, "steps": 20}) == pytest.approx(15 / 60)
 
 
 def test_spikes_counts_jumps_above_the_recent_median():
