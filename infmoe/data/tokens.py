@@ -10,7 +10,6 @@ import itertools
 import operator
 from collections.abc import Iterable
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
