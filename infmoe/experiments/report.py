@@ -11,7 +11,9 @@ The spec's ``report`` list names the sections::
 Kinds: ``table`` (default: parameters, tokens, validation loss and perplexity as mean ±
 std over seeds, loss spikes), ``zeroshot`` (accuracy per task with standard errors and a
 significance test against the first run), ``sweep`` (K at inference: loss and ms/token,
-plus a plot), ``curves`` (the table plus a plot of the training-loss curves). Each section
+plus a plot), ``curves`` (the table plus a plot of the training-loss curves), ``compare``
+(the first run's validation loss against each other run's: the difference, Welch's t,
+and whether it is lower than the other in every pair of seeds). Each section
 replaces the text between ``<!-- generated:ID -->`` and ``<!-- end:ID -->`` in the
 markdown file (appended when the markers are missing), so hand-written prose around the
 tables survives a regeneration and no number in them is typed by hand.
@@ -89,6 +91,27 @@ def _k_gap(records: list[dict]) -> str:
         if "K=16" in by_label and "K=1" in by_label:
             gaps.append(by_label["K=16"] - by_label["K=1"])
     return _pm(gaps, "+.4f") if gaps else "-"
+
+
+def compare_section(runs: list[str], results: dict[str, list[dict]]) -> str:
+    """The first run against each other run by validation loss: mean difference (other −
+    first; positive means the first is better), Welch's t over seeds, and whether every seed
+    of the first beats every seed of the other."""
+    lines = [f"| {runs[0]} vs | seeds | {runs[0]} val loss | their val loss | difference (theirs − ours) | "
+             "perplexity ratio | Welch t | lower in every seed pair |",
+             "|---|---|---|---|---|---|---|---|"]
+    ours = [r["headline"]["loss"] for r in results.get(runs[0], [])]
+    for run in runs[1:]:
+        theirs = [r["headline"]["loss"] for r in results.get(run, [])]
+        if not ours or not theirs:
+            lines.append(f"| {run} | (no finished runs) | | | | | | |")
+            continue
+        (m1, s1), (m2, s2) = mean_std(ours), mean_std(theirs)
+        spread = math.sqrt(s1**2 / len(ours) + s2**2 / len(theirs))
+        t = f"{(m2 - m1) / spread:+.1f}" if len(ours) > 1 and len(theirs) > 1 and spread > 0 else "-"
+        lines.append(f"| {run} | {len(ours)} vs {len(theirs)} | {_pm(ours)} | {_pm(theirs)} | {m2 - m1:+.3f} | "
+                     f"{math.exp(m2 - m1):.3f} | {t} | {'yes' if max(ours) < min(theirs) else 'no'} |")
+    return "\n".join(lines)
 
 
 def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:
@@ -204,8 +227,11 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
             sections[ident] = table_section(runs, results) + "\n\n" + zeroshot_section(runs, results)
         elif kind == "sweep":
             sections[ident] = sweep_section(runs, results, figure, link)
+        elif kind == "compare":
+            sections[ident] = compare_section(runs, results)
         else:
-            raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: choose table, curves, zeroshot, sweep")
+            raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: "
+                              "choose table, curves, zeroshot, sweep, compare")
     return sections
 
 

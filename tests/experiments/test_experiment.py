@@ -98,6 +98,21 @@ def test_a_resumed_log_counts_each_step_once(tmp_path):
     assert training_minutes({"curve": curve, "tokens_seen": 2000, "steps": 20}) == pytest.approx(15 / 60)
 
 
+def test_compare_section_by_hand():
+    from infmoe.experiments.report import compare_section
+
+    def records(*losses):
+        return [{"headline": {"loss": x}} for x in losses]
+
+    results = {"ours": records(2.0, 2.2), "close": records(2.1, 2.3), "far": records(3.0, 3.2), "one": records(2.5)}
+    lines = compare_section(["ours", "close", "far", "one", "missing"], results).splitlines()
+    # std 0.1414 on each side: t = Δ / sqrt(2 * 0.02 / 2) = Δ / 0.1414
+    assert "| close | 2 vs 2 | 2.100 ± 0.141 | 2.200 ± 0.141 | +0.100 | 1.105 | +0.7 | no |" in lines
+    assert "| far | 2 vs 2 | 2.100 ± 0.141 | 3.100 ± 0.141 | +1.000 | 2.718 | +7.1 | yes |" in lines
+    assert "| one | 2 vs 1 | 2.100 ± 0.141 | 2.500 | +0.400 | 1.492 | - | yes |" in lines
+    assert "| missing | (no finished runs) | | | | | | |" in lines
+
+
 def test_spikes_counts_jumps_above_the_recent_median():
     smooth = [5 - 0.01 * i for i in range(50)]
     assert spikes(smooth) == 0
