@@ -28,13 +28,15 @@ def pending(spec: Spec) -> list[Job]:
 
 
 def select_jobs(spec: Spec, only: list[str]) -> list[Job]:
-    """The jobs named in `only`, each entry a run ("infmoe") or one seed of it ("infmoe-seed1")."""
+    """The jobs named in `only`, each entry a run ("infmoe") or one seed of it ("infmoe-seed1"),
+    in the order named (a run's seeds in spec order)."""
     known = {job.run for job in spec.jobs} | {job.name for job in spec.jobs}
     unknown = [name for name in only if name not in known]
     if unknown:
         raise ConfigError(f"--only: no run or job named {', '.join(unknown)} in the spec; "
                          f"its runs are {', '.join(dict.fromkeys(job.run for job in spec.jobs))}")
-    return [job for job in spec.jobs if job.run in only or job.name in only]
+    return sorted((job for job in spec.jobs if job.run in only or job.name in only),
+                  key=lambda job: only.index(job.name if job.name in only else job.run))
 
 
 def _echo(line: str) -> None:
@@ -42,10 +44,10 @@ def _echo(line: str) -> None:
 
 
 def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, echo=_echo) -> list[str]:
-    """Run every pending job of `spec` (or of those named in `only`, in spec order); returns the
-    names of the jobs that finished now."""
-    chosen = {job.name for job in (select_jobs(spec, only) if only else spec.jobs)}
-    todo = [job for job in pending(spec) if job.name in chosen]
+    """Run every pending job of `spec` in spec order (or those named in `only`, in that order);
+    returns the names of the jobs that finished now."""
+    waiting = {job.name for job in pending(spec)}
+    todo = [job for job in (select_jobs(spec, only) if only else spec.jobs) if job.name in waiting]
     refreshed = refresh_curves(spec)
     done = len(spec.jobs) - len(pending(spec))
     echo(f"{done} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from their logs); "

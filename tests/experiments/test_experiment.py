@@ -64,6 +64,11 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_
     assert record["steps"] == 6 and record["curve"]["step"] == [1, 2, 3, 4, 5, 6]
     assert "0 of 2 runs already done (0 curves re-read from their logs); 1 to run now" in capsys.readouterr().out
     assert not (tmp_path / "results" / "inf-seed0.json").exists()  # --only left it alone
+    from infmoe.experiments.runner import select_jobs
+
+    (tmp_path / "two").mkdir()
+    two_seeds = load_spec(write_spec(tmp_path / "two", corpus, cache_dir, seeds=[0, 1]))
+    assert [j.name for j in select_jobs(two_seeds, ["dense-seed1", "inf"])] == ["dense-seed1", "inf-seed0", "inf-seed1"]
     assert main(["experiment", spec_path, "--only", "dense,nope"]) == 2
     assert "no run or job named nope in the spec; its runs are dense, inf" in capsys.readouterr().err
 
