@@ -58,9 +58,10 @@ def write_tokens(
                 ),
                 dtype=dtype,
             )
-            f.write(ids.tobytes())
+            data = ids.tobytes()
+            f.write(data)
             if digest is not None:
-                digest.update(ids.tobytes())
+                digest.update(data)
             count += len(ids)
             bar.update(len(chunk))
     return count

@@ -49,8 +49,7 @@ def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, echo=_
     waiting = {job.name for job in pending(spec)}
     todo = [job for job in (select_jobs(spec, only) if only else spec.jobs) if job.name in waiting]
     refreshed = refresh_curves(spec)
-    done = len(spec.jobs) - len(pending(spec))
-    echo(f"{done} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from their logs); "
+    echo(f"{len(spec.jobs) - len(waiting)} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from their logs); "
          f"{len(todo)} to run now, {jobs} at a time")
     finished: list[str] = []
     if not todo:
@@ -161,6 +160,8 @@ def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
 
 
 ROUTING_SERIES = ("sigma_mean", "kl", "union_fraction", "usage_entropy", "ever_used_fraction", "load_balance")
+# curve series name -> metrics.jsonl key, logged with each training loss
+_CURVE_SERIES = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
 
 
 def read_curve(path: Path) -> dict[str, list[float]]:
@@ -170,13 +171,12 @@ def read_curve(path: Path) -> dict[str, list[float]]:
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     train = {row["step"]: row for row in rows if "train/loss" in row}
     val = {row["step"]: row for row in rows if "val/loss" in row}
-    curve: dict[str, list[float]] = {"step": sorted(train), "train_loss": [], "val_step": sorted(val),
-                                     "val_loss": [val[s]["val/loss"] for s in sorted(val)]}
+    curve: dict[str, list[float]] = {"step": sorted(train), "train_loss": [], "val_step": sorted(val)}
+    curve["val_loss"] = [val[step]["val/loss"] for step in curve["val_step"]]
     for step in curve["step"]:
         row = train[step]
         curve["train_loss"].append(row["train/loss"])
-        sources = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
-        for name, source in sources.items():
+        for name, source in _CURVE_SERIES.items():
             if source in row:
                 curve.setdefault(name, []).append(row[source])
     return curve
