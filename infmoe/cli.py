@@ -211,12 +211,15 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     bench.save(result, args.json, args.markdown)
 
 
-def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int | None:
     from infmoe.experiments import build_sections, load_results, load_spec, refresh_curves, run_grid, update_markdown
 
     spec = load_spec(args.spec)
     if not args.report_only:
-        run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None)
+        try:
+            run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None)
+        except KeyboardInterrupt as stop:  # run_grid has said how to continue
+            return 143 if str(stop) == "SIGTERM" else 130
     else:
         refresh_curves(spec)  # where the runs' logs are here; a no-op on a clone without them
     if args.report:

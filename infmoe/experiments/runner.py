@@ -8,9 +8,12 @@ interrupted grid continues where it stopped when the same command runs again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -56,7 +59,7 @@ def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, echo=_
         return finished
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with the parent
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    with _workers_stop_on_sigterm(), ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(run_job, job, spec.eval_tokens, spec.samples, str(spec.result_path(job))): job
                    for job in todo}
         remaining = set(futures)
@@ -78,6 +81,27 @@ def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, echo=_
             echo("interrupted: finished runs are saved and running ones checkpointed; run the same command to continue")
             raise
     return finished
+
+
+@contextlib.contextmanager
+def _workers_stop_on_sigterm():
+    """Make `kill` of the grid behave like Ctrl-C, which reaches the workers too: pass
+    SIGTERM on to them (each checkpoints and stops) and unwind as KeyboardInterrupt("SIGTERM").
+    Without this a killed grid orphans its workers, which keep training into the run folders."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 E experts, each a GPT-2 MLP of width d_hidden_total / E, stored as stacked tensors. A linear
 router scores the experts; each token goes to its top-k, weighted by the softmax of the
-router logits renormalised over those k. Switch load balancing and router z-loss are the
+router logits renormalised over those k (times ``routed_scale``). Switch load balancing and router z-loss are the
 auxiliary losses. Dropless unless a capacity factor is given.
 
 The (token, expert) assignments are sorted by expert; option ``impl`` picks how the experts
@@ -41,6 +41,10 @@ class TopKMoE(FFNLayer):
         z_loss_weight: weight of the router z-loss mean_t logsumexp(logits_t)².
         impl: "grouped" runs all experts as grouped matmuls; "loop" one expert at a time
             (the reference). Same result.
+        routed_scale: multiplies the k routing weights (DeepSeek-V3's routed scaling
+            factor). The renormalised weights sum to 1, so k narrow experts start out with
+            a far smaller output than one wide MLP; ``routed_scale=top_k`` gives fine-grained
+            experts a dense MLP's output scale at initialisation.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class TopKMoE(FFNLayer):
         load_balance_weight: float = 0.01,
         z_loss_weight: float = 0.001,
         impl: str = "grouped",
+        routed_scale: float = 1.0,
     ) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
         self.n_experts = divisor("n_experts", n_experts, d_hidden, "d_hidden")
@@ -67,6 +72,7 @@ class TopKMoE(FFNLayer):
         self.load_balance_weight = real("load_balance_weight", load_balance_weight, low=0)
         self.z_loss_weight = real("z_loss_weight", z_loss_weight, low=0)
         self.impl = choose("impl", impl, IMPLS)
+        self.routed_scale = real("routed_scale", routed_scale, low=0, open_low=True)
 
         self.router = nn.Linear(d_model, n_experts, bias=False)
         self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_expert))
@@ -83,10 +89,14 @@ class TopKMoE(FFNLayer):
         nn.init.zeros_(self.b_out)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, d) → logits (T, E), chosen experts (T, k), their weights (T, k) summing to 1."""
+        """x (T, d) → logits (T, E), chosen experts (T, k), their weights (T, k) summing to
+        routed_scale."""
         logits = self.router(x)
         top_logit, expert = logits.topk(self.top_k, dim=-1)
-        weight = at_least_fp32(top_logit).softmax(dim=-1).to(x.dtype)
+        weight = at_least_fp32(top_logit).softmax(dim=-1)
+        if self.routed_scale != 1.0:
+            weight = weight * self.routed_scale
+        weight = weight.to(x.dtype)
         return logits, expert, weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

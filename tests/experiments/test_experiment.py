@@ -145,3 +145,42 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, corpus, cache
     out = capsys.readouterr().out
     assert "broken-seed0: FAILED: DataError" in out and "fine-seed0: val loss" in out
     assert [p.stem for p in (tmp_path / "results").glob("*.json")] == ["fine-seed0"]
+
+
+def test_kill_stops_the_workers_too_and_leaves_a_checkpoint(tmp_path, corpus, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from infmoe.checkpoint import load_checkpoint
+
+    long_run = dict(batch_size=4, max_steps=100_000, warmup_steps=1, eval_interval=100_000, eval_tokens=1024,
+                    log_interval=1, save_interval=100_000, tensorboard=False, threads=1, n_layer=1, d_model=32,
+                    n_head=2, n_ctx=32, cache_dir=str(cache_dir), tokenizer="bpe", tokenizer_vocab=512)
+    spec = write_spec(tmp_path, corpus, cache_dir, train=long_run, runs={"dense": {"config": "tiny-dense"}})
+    log = tmp_path / "runs" / "dense-seed0" / "metrics.jsonl"
+    grid = subprocess.Popen([sys.executable, "-m", "infmoe.cli", "experiment", spec, "--jobs", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (log.exists() and log.stat().st_size > 0) and time.monotonic() < deadline:
+            assert grid.poll() is None, grid.communicate()[0]
+            time.sleep(0.2)
+        grid.send_signal(signal.SIGTERM)  # the parent only, as `kill PID` does
+        out = grid.communicate(timeout=120)[0]
+        assert grid.returncode == 143, out
+        assert "interrupted" in out and "run the same command to continue" in out
+        for _ in range(100):  # no worker outlives the grid
+            try:
+                os.killpg(grid.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("a worker of the killed grid is still running")
+        assert 0 < load_checkpoint(log.parent / "checkpoint.safetensors").state["step"] < 100_000
+    finally:
+        if grid.poll() is None:
+            os.killpg(grid.pid, signal.SIGKILL)

@@ -88,6 +88,16 @@ def test_gradients_reach_router_and_experts():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_routed_scale_multiplies_the_output_and_leaves_routing_alone(impl):
+    x = torch.randn(20, D, dtype=torch.float64)
+    plain, scaled = make(impl=impl), make(impl=impl, routed_scale=2.5)
+    y = scaled(x)
+    torch.testing.assert_close(y, 2.5 * plain(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(scaled.aux.stats["expert_load"], plain.aux.stats["expert_load"])
+    assert scaled.route(x)[2].sum(-1).sub(2.5).abs().max() < 1e-12
+
+
 def test_expert_weights_are_stacked_tensors():
     layer = make()
     assert layer.w_in.shape == (E, D, 4) and layer.w_out.shape == (E, 4, D)
@@ -112,6 +122,7 @@ def test_stats_and_aux_loss_weights():
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(load_balance_weight=-1.0), "load_balance_weight"),
         (dict(impl="masked"), "impl"),
+        (dict(routed_scale=0.0), "routed_scale"),
     ],
 )
 def test_bad_options_raise_one_clear_error(kwargs, field):
