@@ -13,7 +13,8 @@ std over seeds, loss spikes), ``zeroshot`` (accuracy per task with standard erro
 significance test against the first run), ``sweep`` (K at inference: loss and ms/token,
 plus a plot), ``curves`` (the table plus a plot of the training-loss curves), ``compare``
 (the first run's validation loss against each other run's: the difference, Welch's t,
-and whether it is lower than the other in every pair of seeds). Each section
+and whether it is lower than the other in every pair of seeds), ``cost`` (how many seed
+runs finished and the time their training steps took, summed). Each section
 replaces the text between ``<!-- generated:ID -->`` and ``<!-- end:ID -->`` in the
 markdown file (appended when the markers are missing), so hand-written prose around the
 tables survives a regeneration and no number in them is typed by hand.
@@ -112,6 +113,20 @@ def compare_section(runs: list[str], results: dict[str, list[dict]]) -> str:
         lines.append(f"| {run} | {len(ours)} vs {len(theirs)} | {_pm(ours)} | {_pm(theirs)} | {m2 - m1:+.3f} | "
                      f"{math.exp(m2 - m1):.3f} | {t} | {'yes' if max(ours) < min(theirs) else 'no'} |")
     return "\n".join(lines)
+
+
+def cost_section(runs: list[str], results: dict[str, list[dict]]) -> str:
+    """One row: the finished seed runs of `runs`, their training-step time summed over runs
+    (each on its own thread), the longest of them, and the tokens each trained on."""
+    records = [r for run in runs for r in results.get(run, [])]
+    if not records:
+        return "(no finished runs)"
+    minutes = [training_minutes(r) for r in records]
+    tokens = sorted({r["tokens_seen"] for r in records})
+    return ("| seed runs finished | training time, summed over runs | longest run | tokens per run |\n"
+            "|---|---|---|---|\n"
+            f"| {len(records)} | {sum(minutes) / 60:.1f} h | {max(minutes):.1f} min | "
+            f"{', '.join(f'{t / 1e6:.2f}M' for t in tokens)} |")
 
 
 def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:
@@ -229,9 +244,11 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
             sections[ident] = sweep_section(runs, results, figure, link)
         elif kind == "compare":
             sections[ident] = compare_section(runs, results)
+        elif kind == "cost":
+            sections[ident] = cost_section(runs, results)
         else:
             raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: "
-                              "choose table, curves, zeroshot, sweep, compare")
+                              "choose table, curves, zeroshot, sweep, compare, cost")
     return sections
 
 

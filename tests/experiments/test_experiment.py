@@ -118,6 +118,19 @@ def test_compare_section_by_hand():
     assert "| missing | (no finished runs) | | | | | | |" in lines
 
 
+def test_cost_section_sums_training_time_over_seed_runs():
+    from infmoe.experiments.report import cost_section
+
+    def record(seconds_per_step):  # 10 logged steps of 100 tokens each
+        rate = 100 / seconds_per_step
+        return {"tokens_seen": 1000, "steps": 10, "curve": {"step": list(range(1, 11)), "tokens_per_s": [rate] * 10}}
+
+    results = {"a": [record(36.0), record(72.0)], "b": [record(180.0)], "other": [record(1.0)]}
+    # 10 steps at 36, 72 and 180 s: 6 + 12 + 30 min = 0.8 h, the longest 30 min
+    assert cost_section(["a", "b"], results).splitlines()[-1] == "| 3 | 0.8 h | 30.0 min | 0.00M |"
+    assert cost_section(["missing"], results) == "(no finished runs)"
+
+
 def test_spikes_counts_jumps_above_the_recent_median():
     smooth = [5 - 0.01 * i for i in range(50)]
     assert spikes(smooth) == 0
