@@ -2,8 +2,8 @@
 
 E experts, each a GPT-2 MLP of width d_hidden_total / E, stored as stacked tensors. A linear
 router scores the experts; each token goes to its top-k, weighted by the softmax of the
-router logits renormalised over those k (times ``routed_scale``). Switch load balancing and router z-loss are the
-auxiliary losses. Dropless unless a capacity factor is given.
+router logits renormalised over those k (times ``routed_scale``). Switch load balancing
+and router z-loss are the auxiliary losses. Dropless unless a capacity factor is given.
 
 The (token, expert) assignments are sorted by expert; option ``impl`` picks how the experts
 then run: "grouped" (default) as grouped matmuls over the sorted assignments with a custom
@@ -44,7 +44,7 @@ class TopKMoE(FFNLayer):
         routed_scale: multiplies the k routing weights (DeepSeek-V3's routed scaling
             factor). The renormalised weights sum to 1, so k narrow experts start out with
             a far smaller output than one wide MLP; ``routed_scale=top_k`` gives fine-grained
-            experts a dense MLP's output scale at initialisation.
+            experts about a dense MLP's output scale at initialisation.
     """
 
     def __init__(
