@@ -20,7 +20,6 @@ from infmoe import build_model, sampling  # noqa: E402
 from infmoe.checkpoint import save_checkpoint  # noqa: E402
 from infmoe.data import Tokenizer  # noqa: E402
 from infmoe.hf import export_hf, import_gpt2  # noqa: E402
-from infmoe.training.loop import tokenizer_files  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
             torch.manual_seed(0)
             ours = build_model(name, vocab_size=tokenizer.vocab_size).eval()
             ckpt = Path(tmp) / f"{name}.safetensors"
-            save_checkpoint(ckpt, ours, tokenizer_files=tokenizer_files(tokenizer))
+            save_checkpoint(ckpt, ours, tokenizer_files=tokenizer.files())
             theirs = AutoModelForCausalLM.from_pretrained(export_hf(ckpt, Path(tmp) / name), trust_remote_code=True)
             settings = [("sample", 1), ("sample", 4), ("mean", 1)] if name.endswith("infmoe") else [("-", 1)]
             for mode, k in settings:

@@ -25,6 +25,7 @@ from infmoe.io import atomic_path
 from infmoe.models import GPT, GPTConfig
 
 FORMAT = "infmoe-checkpoint-1"
+CHECKPOINT_FILE = "checkpoint.safetensors"  # its name inside a run folder of infmoe train
 _TIED = "lm_head.weight"
 
 
@@ -123,7 +124,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = False) ->
         config = GPTConfig.from_dict(meta["config"])
     except (InfmoeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path} holds an invalid model config ({err}): it was not written by this infmoe") from None
-    _check_shapes(path, config, weights)
+    check_weights(path, config, weights)
     checkpoint = Checkpoint(path, config, weights, meta.get("state", {}), meta.get("tokenizer_files", {}), extra=extra)
     if with_optimizer and "optimizer_groups" in meta:
         state: dict[str, dict[str, torch.Tensor]] = {}
@@ -134,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = False) ->
     return checkpoint
 
 
-def _check_shapes(path: Path, config: GPTConfig, weights: dict[str, torch.Tensor]) -> None:
+def check_weights(path: Path, config: GPTConfig, weights: dict[str, torch.Tensor]) -> None:
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != _TIED}
     missing = sorted(set(expected) - set(weights))

@@ -20,20 +20,21 @@ from rich.table import Table
 
 import torch
 
-from infmoe.checkpoint import load_checkpoint, save_checkpoint
+from infmoe.checkpoint import save_checkpoint
 from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
 from infmoe.errors import ConfigError, InfmoeError, choose
 from infmoe.evaluation import plot_sweep, sweep_samples
 from infmoe.generation import check_sampling_args, generate
 from infmoe.io import write_text
+from infmoe.device import pick_device
+from infmoe.loading import load_model
 from infmoe.layers import InfiniteMoE
 from infmoe.models import config_names, get_config
 from infmoe.randomness import seeded
 from infmoe.params import parameter_report
 from infmoe.training import TrainConfig, resolve, train
 from infmoe.training.batches import eval_batches
-from infmoe.training.loop import pick_device, tokenizer_files
 
 TASK_NAMES = list(TASKS)
 MODEL_BATCH = {"tiny": (16, 256), "gpt2-small": (1, 1024)}  # sequences x tokens per training step
@@ -242,7 +243,7 @@ def cmd_upcycle(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     model, tokenizer, _ = load_for_inference(args.model, "cpu")
     with seeded(args.seed):
         upcycled = upcycle_to_infmoe(model, **{"d_z": 48, **overrides})
-    save_checkpoint(args.out, upcycled, tokenizer_files=tokenizer_files(tokenizer),
+    save_checkpoint(args.out, upcycled, tokenizer_files=tokenizer.files(),
                     state={"upcycled_from": str(args.model)})
     print(f"wrote {args.out}: ∞-MoE with H = {upcycled.config.ffn_hidden}; continue training with "
           f"infmoe train --init_from {args.out} --data ...")
@@ -271,15 +272,10 @@ def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 
 def load_for_inference(path: str, device: str):
-    """(model in eval mode on `device`, tokenizer, training data source or None) from an
-    infmoe checkpoint file, an infmoe export folder, or a Hugging Face GPT-2 folder."""
-    from infmoe.hf import load_model_and_tokenizer
-
-    source = None
-    if Path(path).is_file():
-        source = load_checkpoint(path).state.get("data", {}).get("source")
-    model, tokenizer = load_model_and_tokenizer(path)
-    return model.to(pick_device(device)).eval(), tokenizer, source
+    """(model in eval mode on `device`, tokenizer, training data source or None) from any
+    MODEL `infmoe.loading` reads."""
+    loaded = load_model(path)
+    return loaded.model.to(pick_device(device)), loaded.tokenizer, loaded.data_source
 
 
 def _console() -> Console:
@@ -428,7 +424,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
                    help="non-UTF-8 bytes: fail (strict) or become U+FFFD (replace)")
 
 
-def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+def split_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate ``--key value`` config overrides from the subcommand's own arguments,
     so an override's value is never taken for a positional argument."""
     argv = list(argv)
@@ -452,7 +448,7 @@ def split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tup
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    own, rest = split_overrides(parser, sys.argv[1:] if argv is None else argv)
+    own, rest = split_command_line(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
     try:
         if rest and not args.overrides:

@@ -86,7 +86,7 @@ def test_truncated_and_foreign_checkpoints(trained, tmp_path, capsys):
     assert main(["generate", str(foreign), "--prompt", "x"]) == 2
     one_error_line(capsys, "not an infmoe checkpoint")
     assert main(["eval", str(tmp_path / "missing.safetensors")]) == 2
-    one_error_line(capsys, "no checkpoint file")
+    one_error_line(capsys, "does not exist")
 
 
 def test_vocabulary_mismatch_between_checkpoint_and_data(trained, tmp_path, cache_dir, capsys):

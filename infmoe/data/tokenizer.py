@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sized
 from pathlib import Path
 
@@ -126,6 +127,13 @@ class Tokenizer:
         else:
             self._backend.save(str(directory / BPE_FILE))
             (directory / TIKTOKEN_FILE).unlink(missing_ok=True)
+
+
+    def files(self) -> dict[str, str]:
+        """The files `save` writes, as {name: text}: how a tokenizer travels inside a checkpoint."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def check_bpe_vocab(vocab_size: object) -> int:

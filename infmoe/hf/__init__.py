@@ -34,9 +34,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from infmoe.hf.export import export_hf, is_hf_export, load_hf_dir, load_model_and_tokenizer, save_hf
+from infmoe.hf.export import export_hf, is_hf_export, load_hf_dir, save_hf
 from infmoe.hf.gpt2 import config_name, import_gpt2
 from infmoe.hf.upcycle import upcycle_to_infmoe
+from infmoe.loading import load_model_and_tokenizer
 
 __all__ = [
     "InfmoeConfig", "InfmoeForCausalLM", "config_name", "export_hf", "import_gpt2", "is_hf_export",

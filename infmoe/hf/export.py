@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from infmoe.checkpoint import Checkpoint, _check_shapes, load_checkpoint
+from infmoe.checkpoint import Checkpoint, check_weights
 from infmoe.data.tokenizer import BPE_FILE, Tokenizer, load_tokenizer
 from infmoe.errors import CheckpointError, InfmoeError
 from infmoe.hf.format import (
@@ -37,7 +37,6 @@ from infmoe.hf.format import (
     read_config,
     read_weights,
 )
-from infmoe.hf.gpt2 import import_gpt2
 from infmoe.io import OutputError
 from infmoe.models import GPT
 
@@ -46,6 +45,8 @@ _STAGING = ".infmoe-export-"
 
 def export_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export the checkpoint (or earlier export) at `checkpoint_path` into `out_dir`; see `save_hf`."""
+    from infmoe.loading import load_model_and_tokenizer  # loading reads exports with this module
+
     model, tokenizer = load_model_and_tokenizer(checkpoint_path)
     return save_hf(model, tokenizer, out_dir)
 
@@ -139,7 +140,7 @@ def load_hf_dir(path: str | os.PathLike) -> tuple[GPT, Tokenizer]:
     if not all(name.startswith(WEIGHT_PREFIX) for name in weights):
         raise CheckpointError(f"{path / WEIGHTS_FILE} does not hold infmoe weights: export it again")
     weights = {name[len(WEIGHT_PREFIX):]: tensor for name, tensor in weights.items()}
-    _check_shapes(path / WEIGHTS_FILE, config, weights)
+    check_weights(path / WEIGHTS_FILE, config, weights)
     model = Checkpoint(path, config, weights).build_model()
     return model, folder_tokenizer(path, config.vocab_size)
 
@@ -159,16 +160,3 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> Tokenizer:
         raise CheckpointError(f"{where}: tokenizer has {tokenizer.vocab_size} ids, model vocab_size is "
                               f"{vocab_size}; pair the model with the tokenizer it was trained with")
     return tokenizer
-
-
-def load_model_and_tokenizer(path: str | os.PathLike) -> tuple[GPT, Tokenizer]:
-    """What every command that takes a model needs, from any of: an infmoe checkpoint file,
-    an infmoe export folder, or a Hugging Face GPT-2 folder (imported with `import_gpt2`)."""
-    path = Path(path)
-    if not path.is_dir():
-        checkpoint = load_checkpoint(path)
-        return checkpoint.build_model(), checkpoint.tokenizer()
-    if read_config(path).get("model_type") == "gpt2":
-        model = import_gpt2(path)
-        return model, folder_tokenizer(path, model.config.vocab_size)
-    return load_hf_dir(path)

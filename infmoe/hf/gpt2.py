@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from infmoe.checkpoint import Checkpoint, _check_shapes
+from infmoe.checkpoint import Checkpoint, check_weights
 from infmoe.errors import CheckpointError, InfmoeError
 from infmoe.hf.format import WEIGHTS_FILE, read_config, read_weights
 from infmoe.models import CONFIGS, GPT, GPTConfig, get_config
@@ -56,7 +56,7 @@ def import_gpt2(path: str | os.PathLike) -> GPT:
             weights[f"blocks.{block}.{rest.replace('mlp.', 'ffn.')}"] = tensor.t().contiguous() if rest in _CONV1D else tensor
         else:
             weights[name] = tensor
-    _check_shapes(path, config, weights)
+    check_weights(path, config, weights)
     return Checkpoint(path, config, weights).build_model()
 
 

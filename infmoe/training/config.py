@@ -79,7 +79,7 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
 
-def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def partition_settings(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Partition --key value overrides into (training fields, model config fields)."""
     train = {k: v for k, v in overrides.items() if k in TrainConfig.fields()}
     model = {k: v for k, v in overrides.items() if k not in train}
@@ -89,7 +89,7 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
 def resolve(overrides: dict[str, Any]) -> tuple[TrainConfig, GPTConfig]:
     """Build (TrainConfig, GPTConfig) from command-line overrides; every key is checked
     before any compute, so a typo is one clear error, not a failed run."""
-    train_fields, model_fields = split_overrides(overrides)
+    train_fields, model_fields = partition_settings(overrides)
     train = TrainConfig(**train_fields)
     ffn = model_fields.get("ffn", get_config(train.config).ffn)
     allowed = {f.name for f in dataclasses.fields(GPTConfig)} | set(ffn_option_names(ffn))

@@ -7,11 +7,9 @@ distributed run samples its own ∞-MoE noise, reproducibly.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import signal
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,21 +18,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from infmoe.checkpoint import CHECKPOINT_FILE as CHECKPOINT
 from infmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from infmoe.data import prepare, unigram_loss
+from infmoe.device import autocast_for, pick_device
 from infmoe.errors import CheckpointError, InfmoeError
 from infmoe.evaluation.perplexity import evaluate_loss
 from infmoe.io import check_writable
+from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import GPT, GPTConfig
 from infmoe.randomness import derive_seed
 from infmoe.training.batches import WindowSampler, eval_batches
 from infmoe.training.config import TrainConfig
 from infmoe.training.distributed import (
     World, all_reduce_sum, full_state, gradient_sync, init_world, load_optimizer_state, shutdown, wrap)
-from infmoe.training.metrics import MetricsLog, RoutingMonitor, describe
+from infmoe.training.metrics import MetricsLog, RoutingMonitor
 from infmoe.training.optim import build_optimizer, lr_at
 
-CHECKPOINT = "checkpoint.safetensors"
 # Settings a resumed run must share with the run it continues, or its losses would differ.
 # Not `data`: the prepared tokens are compared instead, so a moved corpus still resumes.
 _RESUME_INVARIANTS = ("tokenizer", "tokenizer_vocab", "seq_len", "seed")
@@ -53,22 +53,6 @@ class TrainResult:
     unigram_loss: float
     interrupted_by: str | None = None
     rank: int = 0
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InfmoeError(f"device={name!r} is invalid: no CUDA device is available here; use --device cpu")
-    return device
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class _StopFlag:
@@ -119,8 +103,6 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
 
     initial = None
     if cfg.init_from:  # a checkpoint, export or GPT-2 folder: its config and tokenizer rule
-        from infmoe.hf import load_model_and_tokenizer
-
         initial, tokenizer = load_model_and_tokenizer(cfg.init_from)
         model_config = initial.config
     data = _prepare_once(cfg, world, tokenizer if initial is not None else cfg.tokenizer)
@@ -130,7 +112,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     sampler = WindowSampler(data.train, seq_len, cfg.seed)
     val_batches = eval_batches(data.valid, seq_len, cfg.batch_size, cfg.eval_tokens)
     baseline = unigram_loss(data.train, data.valid, data.vocab_size)
-    saved_tokenizer = tokenizer_files(data.tokenizer)
+    saved_tokenizer = data.tokenizer.files()
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = GPT(model_config).to(device)
@@ -147,7 +129,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
         load_optimizer_state(model, optimizer, ckpt.optimizer, world)
     start = int(ckpt.state["step"]) if ckpt is not None else 0
     forward = torch.compile(engine) if cfg.compile else engine
-    autocast = autocast_for(cfg, device)
+    autocast = autocast_for(cfg.precision, device)
     log = MetricsLog(out_dir, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard) if world.is_main else None
 
     def save(step: int, val_loss: float | None) -> None:
@@ -239,13 +221,6 @@ def _prepare_once(cfg: TrainConfig, world: World, tokenizer):
     if world.distributed:
         torch.distributed.barrier()
     return data if data is not None else run()
-
-
-def tokenizer_files(tokenizer) -> dict[str, str]:
-    """The tokenizer's saved files as text, to travel inside the checkpoint."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
-        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
 
 
 def _same_data(saved: dict, current: dict) -> bool:

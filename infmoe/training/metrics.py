@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -91,5 +90,3 @@ class RoutingMonitor:
         self.ever_used = {k.split(".", 1)[1]: v.bool() for k, v in tensors.items() if k.startswith("ever_used.")}
 
 
-def describe(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

@@ -16,7 +16,6 @@ from infmoe.data import Tokenizer
 from infmoe.evaluation.tasks import load_task
 from infmoe.evaluation.zeroshot import evaluate_task
 from infmoe.hf import export_hf
-from infmoe.training.loop import tokenizer_files
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "lm_eval_tasks"
 
@@ -50,7 +49,7 @@ def test_lm_eval_accuracy_equals_infmoe_zeroshot(tmp_path, corpus):
     torch.manual_seed(0)
     model = build_model(dict(vocab_size=tokenizer.vocab_size, n_ctx=128, n_layer=1, d_model=32, n_head=2,
                              ffn="infmoe", ffn_options=dict(d_z=4, mode="mean")))
-    save_checkpoint(tmp_path / "model.safetensors", model, tokenizer_files=tokenizer_files(tokenizer))
+    save_checkpoint(tmp_path / "model.safetensors", model, tokenizer_files=tokenizer.files())
     export = export_hf(tmp_path / "model.safetensors", tmp_path / "hf")
     write_tasks(tmp_path, corpus)
 

@@ -50,12 +50,6 @@ def tokenizer(corpus) -> Tokenizer:
     return Tokenizer.train_bpe(documents, 300, progress=False)
 
 
-def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save(tmp)
-        return {name: open(os.path.join(tmp, name), encoding="utf-8").read() for name in os.listdir(tmp)}
-
-
 def tiny_model(ffn: str, vocab_size: int, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab_size, **SHAPE, **FFNS[ffn])).eval()
@@ -69,7 +63,7 @@ def checkpoint(tmp_path_factory, tokenizer):
     def make(ffn: str):
         path = folder / f"{ffn}.safetensors"
         if not path.exists():
-            save_checkpoint(path, tiny_model(ffn, tokenizer.vocab_size), tokenizer_files=tokenizer_files(tokenizer))
+            save_checkpoint(path, tiny_model(ffn, tokenizer.vocab_size), tokenizer_files=tokenizer.files())
         return path
 
     return make
