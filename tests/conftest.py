@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,63 @@ def micro(corpus, cache_dir):
         return base | overrides
 
     return settings
+
+
+class FullDisk:
+    """A folder where writing fails for real because the disk is full.
+
+    Where this process may mount (root), `folder` is a small tmpfs and `fill(free)` writes a
+    filler file until only `free` bytes are left, so writes fail with ENOSPC. Elsewhere
+    `folder` is an ordinary folder and `run` applies RLIMIT_FSIZE = `free` to the command,
+    so the kernel refuses any file that grows past it (EFBIG; Python ignores SIGXFSZ).
+    Either way the failure comes from the operating system, not from a patched function.
+    """
+
+    def __init__(self, folder, size: int = 64 * 2**20) -> None:
+        import subprocess
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.free, self.mounted = folder, None, False
+        if os.geteuid() == 0:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                  capture_output=True)
+            self.mounted = done.returncode == 0
+
+    def fill(self, free: int) -> None:
+        """Leave `free` bytes writable (tmpfs), or limit every file the command writes to `free` bytes."""
+        self.free = free
+        if self.mounted:
+            stat = os.statvfs(self.folder)
+            left = stat.f_bavail * stat.f_frsize - free
+            with open(self.folder / ".filler", "wb") as f:
+                f.write(b"\0" * max(0, left))
+
+    def run(self, argv: list[str], **kwargs):
+        """`python -m infmoe.cli argv` in a subprocess on the full disk."""
+        import resource
+        import subprocess
+        import sys
+
+        limit = None if self.mounted or self.free is None else self.free
+
+        def apply_limit() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run([sys.executable, "-m", "infmoe.cli", *argv], capture_output=True, text=True,
+                              preexec_fn=apply_limit, env=env, timeout=300, **kwargs)
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A `FullDisk` at tmp_path/disk, unmounted afterwards."""
+    disk = FullDisk(tmp_path / "disk")
+    yield disk
+    disk.close()
