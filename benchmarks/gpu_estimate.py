@@ -14,22 +14,10 @@ import torch
 
 from infmoe.layers import InfiniteMoE
 from infmoe.models import GPT, get_config
+from infmoe.params import model_flops_per_token
 
 H100_BF16_DENSE_TFLOPS = 989.0
 CONFIGS = ("gpt2-small-dense", "gpt2-small-moe", "gpt2-small-infmoe", "gpt2-medium-dense")
-
-
-def executed_flops_per_token(model: GPT) -> float:
-    """Forward FLOPs per token that the chosen execution path performs."""
-    c = model.config
-    attention = 2 * 4 * c.d_model**2 + 2 * 2 * c.d_model * c.n_ctx
-    total = 2 * c.d_model * c.vocab_size
-    for ffn in model.ffn_layers():
-        flops = ffn.flops_per_token(1)
-        if isinstance(ffn, InfiniteMoE) and not ffn.uses_sparse(1):
-            flops += 2 * 2 * ffn.d_model * ffn.d_hidden * (1 - ffn.union_fraction_bound(1))  # masked: all of H
-        total += attention + flops
-    return total
 
 
 def main() -> None:
@@ -45,7 +33,7 @@ def main() -> None:
             config = get_config(name, **({"block_size": block} if block else {}))
             with torch.device("meta"):
                 model = GPT(config)
-            train_flops = 3 * executed_flops_per_token(model)
+            train_flops = 3 * model_flops_per_token(model, 1, executed=True)
             tokens_per_s = H100_BF16_DENSE_TFLOPS * 1e12 * args.mfu / train_flops
             routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
             path = ("sparse" if routed[0].uses_sparse(1) else "masked") + f", B={routed[0].block_size}" if routed else "-"

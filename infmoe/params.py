@@ -29,17 +29,25 @@ class ParamReport:
     exact: dict[int, bool]
 
 
+def model_flops_per_token(model: GPT, n_samples: int = 1, executed: bool = False) -> float:
+    """Forward FLOPs per token of `model` (2 × multiply-adds of every matmul): the LM head,
+    and per block attention over a full n_ctx context plus the FFN's own
+    `FFNLayer.flops_per_token` (``executed``: what its chosen path runs, see there)."""
+    c = model.config
+    attention = 2 * 4 * c.d_model**2 + 2 * 2 * c.d_model * c.n_ctx  # qkv + proj; scores + weighted values
+    lm_head = 2 * c.d_model * c.vocab_size
+    blocks = (attention + f.flops_per_token(n_samples, executed=executed) for f in model.ffn_layers())
+    return lm_head + sum(blocks)
+
+
 def parameter_report(config: GPTConfig, name: str = "", samples: Sequence[int] = (1, 2, 4)) -> ParamReport:
     with torch.device("meta"):
         model = GPT(config)
     total = model.num_parameters()
-    d, t = config.d_model, config.n_ctx
-    attention = 2 * 4 * d * d + 2 * 2 * d * t  # qkv + proj; scores + weighted values
-    lm_head = 2 * d * config.vocab_size
     active, flops, exact = {}, {}, {}
     for k in samples:
         inactive = sum(sum(p.numel() for p in f.parameters()) - f.active_parameters(k) for f in model.ffn_layers())
         active[k] = total - inactive
-        flops[k] = lm_head + sum(attention + f.flops_per_token(k) for f in model.ffn_layers())
+        flops[k] = model_flops_per_token(model, k)
         exact[k] = k == 1 or not any(isinstance(f, InfiniteMoE) for f in model.ffn_layers())
     return ParamReport(name, config.ffn, total, active, flops, exact)

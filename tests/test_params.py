@@ -1,7 +1,13 @@
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 from infmoe import get_config
-from infmoe.params import parameter_report
+from infmoe.models import GPT
+from infmoe.params import model_flops_per_token, parameter_report
 
 
 def test_infmoe_active_is_total_minus_unselected_units_and_k_bounds_grow():
@@ -32,3 +38,27 @@ def test_moe_active_counts_top_k_experts():
     d, width = config.d_model, config.ffn_hidden // e
     per_expert = 2 * d * width + width + d
     assert r.total - r.active[1] == config.n_layer * (e - k) * per_expert
+
+
+def test_executed_flops_count_the_whole_ffn_where_the_masked_path_runs():
+    config = get_config("tiny-infmoe", block_size=1)  # per unit: the masked path
+    with torch.device("meta"):
+        model = GPT(config)
+    assert not any(f.uses_sparse(1) for f in model.ffn_layers())
+    needed, executed = model_flops_per_token(model, 1), model_flops_per_token(model, 1, executed=True)
+    assert needed == parameter_report(config, samples=(1,)).flops[1]
+    unselected_half = 0.5 * 2 * 2 * config.d_model * config.ffn_hidden
+    assert executed - needed == pytest.approx(config.n_layer * unselected_half)
+
+
+def test_gpu_estimate_uses_the_model_flop_count(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["gpu_estimate.py"])
+    runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "gpu_estimate.py"), run_name="__main__")
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 5
+    for row in rows:
+        name, *block = row[0].removeprefix("| ").split(" --block_size ")
+        config = get_config(name, **({"block_size": int(block[0])} if block else {}))
+        with torch.device("meta"):
+            model = GPT(config)
+        assert float(row[2]) == round(3 * model_flops_per_token(model, 1, executed=True) / 1e9, 2), row[0]

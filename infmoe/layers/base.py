@@ -49,8 +49,17 @@ class FFNLayer(nn.Module):
         union over samples, bounded above where it cannot be known without data."""
         raise NotImplementedError
 
-    def flops_per_token(self, n_samples: int = 1) -> float:
-        """Forward multiply-adds × 2 for one token (matmuls only)."""
+    def flops_per_token(self, n_samples: int = 1, union: float | None = None,
+                        executed: bool = False) -> float:
+        """Forward multiply-adds × 2 of the matmuls one token goes through, routing included.
+
+        The one FLOP formula of each variant; parameter counts, the bench and the GPU
+        estimate all read it. n_samples: K routing samples. union: the measured fraction of
+        the ∞-MoE blocks a token computes over its K samples (default: the bound
+        `InfiniteMoE.union_fraction_bound`); ignored by variants without a union.
+        executed: count what the execution path this layer picks for K actually runs (the
+        masked ∞-MoE path computes all of H) instead of what the method needs.
+        """
         raise NotImplementedError
 
 
@@ -62,6 +71,18 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """Upcast bf16/fp16 for softmax and log-sum-exp; keep fp32 and fp64 as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def routing_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """linear(x) in at least fp32 with autocast off. x (..., in) → (..., out).
+
+    Routing decides which blocks or experts run; in bf16 near-equal scores tie or swap
+    order, so the choices (and the output) would depend on the precision setting.
+    """
+    dtype = torch.promote_types(torch.promote_types(x.dtype, linear.weight.dtype), torch.float32)
+    bias = None if linear.bias is None else linear.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.to(dtype), linear.weight.to(dtype), bias)
 
 
 def init_normal_(tensor: torch.Tensor, std: float) -> None:

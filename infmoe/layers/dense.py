@@ -30,5 +30,6 @@ class DenseMLP(FFNLayer):
     def active_parameters(self, n_samples: int = 1) -> float:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, n_samples: int = 1) -> float:
+    def flops_per_token(self, n_samples: int = 1, union: float | None = None,
+                        executed: bool = False) -> float:
         return 2 * 2 * self.d_model * self.d_hidden

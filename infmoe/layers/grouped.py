@@ -24,7 +24,8 @@ takes its place: no such op in this torch; float64; strides not 16-byte aligned 
 a multiple of 4 in float32); on CUDA anything but bf16 (where torch's own kernel is the same
 loop, and its meta function rejects other dtypes). The float64 equivalence tests run that
 loop through the same Function. Nothing else is device-specific; under autocast the inputs
-are cast to the autocast dtype first. Written for CUDA but not yet run on a GPU.
+are cast to the autocast dtype first, and the sums over rows are kept in fp32. Written for
+CUDA but not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from infmoe.layers.base import gelu
+from infmoe.layers.base import at_least_fp32, gelu
 
 # Largest (rows, d) temporary a chunk may allocate, on CPU; a chunk holds one group at least.
 # Two reasons. Memory: the gathered rows are d / B times the size of the hidden activations,
@@ -147,6 +149,11 @@ class _WeightGrad:
     (rows, n). It is computed in the weight's own memory layout (column-major when the
     weight is a transposed view, as ∞-MoE's w_in is) so no copy is needed to accumulate it,
     and written into one preallocated tensor so the parts never coexist with the whole.
+
+    A group with no rows gets an exact zero, written here: what a grouped-GEMM kernel
+    leaves for an empty group is its own business (some leave the output buffer
+    unwritten, others have returned non-zero gradients), and the preallocated whole is
+    uninitialised memory.
     """
 
     def __init__(self, weight: torch.Tensor, n_chunks: int) -> None:
@@ -162,6 +169,9 @@ class _WeightGrad:
             torch.mm(a, b, out=self.whole[chunk.group_start])
         else:
             self.whole[chunk.group_start : chunk.group_end] = grouped_mm(a, b, chunk)
+        empty = [chunk.group_start + i for i, n in enumerate(chunk.counts) if n == 0]
+        if empty:
+            self.whole[empty] = 0
 
     def result(self) -> torch.Tensor:
         return self.whole.transpose(1, 2) if self.transposed else self.whole
@@ -172,12 +182,17 @@ class GroupedFFN(torch.autograd.Function):
 
     Inputs: x (T, d), gate (rows,), w1 (G, d, B) (any of the two layouts `_fast_ok`
     accepts), b1 (G, B), w2 (G, B, d), chunks from `plan_chunks`. Gradients for all five
-    tensors; only those that are needed are computed.
+    tensors; only those that are needed are computed; gradients of groups without rows
+    are exactly zero. The backward is not itself differentiable (it raises if asked).
+
+    The sums over many rows (y and dx over a token's blocks, db1 over a group's rows) are
+    accumulated in at least fp32, and rounded to the inputs' dtype once at the end: summed
+    in bf16, each addition rounds at the scale of the running sum.
     """
 
     @staticmethod
     def forward(ctx, x, gate, w1, b1, w2, chunks):
-        y = x.new_zeros(x.shape[0], w2.shape[-1])
+        y = torch.zeros(x.shape[0], w2.shape[-1], dtype=at_least_fp32(x).dtype, device=x.device)
         pre_activations = []
         for c in chunks:
             groups = slice(c.group_start, c.group_end)
@@ -186,18 +201,21 @@ class GroupedFFN(torch.autograd.Function):
             pre_activations.append(a)  # all backward keeps; GELU is cheap to redo
             h = gelu(a).mul_(gate[c.rows, None])
             # each token's rows add up: the sum over its blocks (or experts)
-            y.index_add_(0, c.token, grouped_mm(h, w2[groups], c))
+            y.index_add_(0, c.token, grouped_mm(h, w2[groups], c).to(y.dtype))
         ctx.chunks = chunks
         ctx.save_for_backward(x, gate, w1, b1, w2, *pre_activations)
-        return y
+        return y.to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, gate, w1, b1, w2, *pre_activations = ctx.saved_tensors
         need_x, need_gate, need_w1, need_b1, need_w2, _ = ctx.needs_input_grad
-        dx = torch.zeros_like(x) if need_x else None
+        accumulate = at_least_fp32(x).dtype
+        dx = torch.zeros(x.shape, dtype=accumulate, device=x.device) if need_x else None
         dgate = torch.empty_like(gate) if need_gate else None
-        db1 = torch.zeros_like(b1) if need_b1 else None
+        # db1 of a group without rows is never written: an exact zero.
+        db1 = torch.zeros(b1.shape, dtype=accumulate, device=b1.device) if need_b1 else None
         dw1 = _WeightGrad(w1, len(ctx.chunks)) if need_w1 else None
         dw2 = _WeightGrad(w2, len(ctx.chunks)) if need_w2 else None
         dy = dy.contiguous()
@@ -214,11 +232,13 @@ class GroupedFFN(torch.autograd.Function):
             del dy_rows, h  # free before the next (rows, d) temporaries
             da = torch.ops.aten.gelu_backward(dgated.mul_(g), a, approximate="tanh")
             if need_b1:
-                db1[groups].index_add_(0, c.local_group, da)
+                db1[groups].index_add_(0, c.local_group, da.to(accumulate))
             if need_w1:
                 dw1.add(x.index_select(0, c.token), da, c)
             if need_x:
-                dx.index_add_(0, c.token, grouped_mm(da, w1[groups].transpose(1, 2), c))
+                dx.index_add_(0, c.token, grouped_mm(da, w1[groups].transpose(1, 2), c).to(accumulate))
+        dx = dx.to(x.dtype) if need_x else None
+        db1 = db1.to(b1.dtype) if need_b1 else None
         dw1 = dw1.result() if need_w1 else None
         dw2 = dw2.result() if need_w2 else None
         return dx, dgate, dw1, db1, dw2, None

@@ -18,18 +18,34 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from infmoe.errors import choose, divisor, invalid, positive_int, real
-from infmoe.layers.base import FFNAux, FFNLayer, count_kept, gelu, init_normal_
+from infmoe.layers.base import FFNAux, FFNLayer, count_kept, gelu, init_normal_, routing_linear
 from infmoe.layers.grouped import grouped_ffn
 
 MODES = ("sample", "mean")
 GATES = ("sigmoid", "softmax", "constant")
 IMPLS = ("auto", "sparse", "masked")
+
+
+class Selection(NamedTuple):
+    """The blocks each routing sample keeps, from `InfiniteMoE.select`.
+
+    index (K, T, n_kept): the kept blocks of each sample (distinct within a sample).
+    gate (K, T, n_kept): their weights, already divided by K.
+    mu, sigma (T, d_z): the router's Gaussian p(z | x).
+    All floating tensors are at least fp32, whatever autocast is on.
+    """
+
+    index: torch.Tensor
+    gate: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
 
 
 class InfiniteMoE(FFNLayer):
@@ -117,37 +133,37 @@ class InfiniteMoE(FFNLayer):
         nn.init.zeros_(self.b_in)
         nn.init.zeros_(self.b_out)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, d) → μ, σ, each (T, d_z)."""
-        mu, pre_sigma = self.router(x).chunk(2, dim=-1)
+    def router_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, d) → μ, σ of p(z | x), each (T, d_z), in at least fp32."""
+        mu, pre_sigma = routing_linear(x, self.router).chunk(2, dim=-1)
         return mu, F.softplus(pre_sigma) + self.sigma_min
 
-    def masks(
-        self, x: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Route x (T, d).
+    def select(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> Selection:
+        """The blocks each of K samples z ~ p(z | x) keeps, and their gates. x (T, d).
 
-        Returns (index, gate, mu, sigma): index (K, T, n_kept) the kept blocks of each
-        sample, gate (K, T, n_kept) their weights already divided by K, and μ, σ (T, d_z).
         noise (K, T, d_z) replaces the standard-normal draw ε; K is then noise.shape[0].
+        Routing runs in at least fp32 with autocast off (ε drawn in fp32 too): in bf16,
+        near-equal scores at the top-N boundary tie or swap, and the kept blocks would
+        change with the precision setting.
         """
-        mu, sigma = self.route(x)
-        if self.mode == "mean":
-            if noise is not None:
-                raise invalid("noise", "tensor", 'mode="mean" draws no noise; pass None')
-            z = mu.unsqueeze(0)
-        else:
-            if noise is None:
-                noise = torch.randn((self.n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
-            z = mu + sigma * noise
-        top_score, index = self.score(z).topk(self.n_kept, dim=-1, sorted=False)
-        if self.gate == "sigmoid":
-            gate = torch.sigmoid(top_score)
-        elif self.gate == "softmax":
-            gate = top_score.softmax(dim=-1) * self.n_kept
-        else:
-            gate = torch.ones_like(top_score)
-        return index, gate / z.shape[0], mu, sigma
+        with torch.autocast(x.device.type, enabled=False):
+            mu, sigma = self.router_distribution(x)
+            if self.mode == "mean":
+                if noise is not None:
+                    raise invalid("noise", "tensor", 'mode="mean" draws no noise; pass None')
+                z = mu.unsqueeze(0)
+            else:
+                if noise is None:
+                    noise = torch.randn((self.n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+                z = mu + sigma * noise.to(mu.dtype)
+            top_score, index = routing_linear(z, self.score).topk(self.n_kept, dim=-1, sorted=False)
+            if self.gate == "sigmoid":
+                gate = torch.sigmoid(top_score)
+            elif self.gate == "softmax":
+                gate = top_score.softmax(dim=-1) * self.n_kept
+            else:
+                gate = torch.ones_like(top_score)
+        return Selection(index, gate / z.shape[0], mu, sigma)
 
     def mean_mask(self, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """index, gate (K, T, n_kept) → m̄ (T, n_blocks): the K gated masks summed (gates
@@ -161,7 +177,8 @@ class InfiniteMoE(FFNLayer):
     def masked_ffn(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reference path: the whole large FFN, then the mask. x (T, d), mask (T, n_blocks)."""
         h = gelu(F.linear(x, self.w_in, self.b_in))
-        h = (h.view(-1, self.n_blocks, self.block_size) * mask.unsqueeze(-1)).flatten(1)
+        # The fp32 mask would promote a bf16 h (under autocast) to a second, fp32 (T, H).
+        h = (h.view(-1, self.n_blocks, self.block_size) * mask.to(h.dtype).unsqueeze(-1)).flatten(1)
         return h @ self.w_out + self.b_out
 
     def sparse_ffn(self, x: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -193,7 +210,7 @@ class InfiniteMoE(FFNLayer):
         for any K; B = 64 for K <= 2; B = 32 for K = 1; B <= 16 never.
 
         The model fits these fwd+bwd times, sparse / masked, measured on 2 CPU threads,
-        fp32, d = 768, H = 6144, N = 50%, 2048 tokens (`benchmarks/layer_speed.py --grid`;
+        fp32, d = 768, H = 6144, N = 50%, 2048 tokens (`benchmarks/run.py --grid`;
         the union fractions were 0.50, 0.70, 0.85, 0.94; noise on that machine ~±10%):
 
             B      K=1    K=2    K=4    K=8
@@ -215,7 +232,7 @@ class InfiniteMoE(FFNLayer):
         x2 = x.reshape(-1, self.d_model)
         if noise is not None:
             noise = noise.reshape(noise.shape[0], -1, self.d_z)
-        index, gate, mu, sigma = self.masks(x2, noise)
+        index, gate, mu, sigma = self.select(x2, noise)
         mask, chosen = self.mean_mask(index, gate), self.union(index)
         if self.uses_sparse(index.shape[0]):
             y = self.sparse_ffn(x2, mask, chosen)
@@ -258,11 +275,17 @@ class InfiniteMoE(FFNLayer):
         dense_part += self.score.weight.numel() + self.score.bias.numel()
         return dense_part + self.union_fraction_bound(n_samples) * self.d_hidden * per_unit
 
-    def flops_per_token(self, n_samples: int = 1) -> float:
+    def flops_per_token(self, n_samples: int = 1, union: float | None = None,
+                        executed: bool = False) -> float:
+        """Router (d → 2 d_z), K score maps (d_z → H/B), and both projections of the
+        blocks computed: the union fraction of H, or all of H where ``executed`` and
+        K = n_samples takes the masked path."""
         router = 2 * self.d_model * 2 * self.d_z
         scores = n_samples * 2 * self.d_z * self.n_blocks
-        expert = self.union_fraction_bound(n_samples) * 2 * 2 * self.d_model * self.d_hidden
-        return router + scores + expert
+        fraction = self.union_fraction_bound(n_samples) if union is None else union
+        if executed and not self.uses_sparse(n_samples):
+            fraction = 1.0
+        return router + scores + fraction * 2 * 2 * self.d_model * self.d_hidden
 
 
 @contextlib.contextmanager

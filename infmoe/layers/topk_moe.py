@@ -15,15 +15,29 @@ losses.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from infmoe.errors import choose, divisor, invalid, positive_int, real
-from infmoe.layers.base import FFNAux, FFNLayer, at_least_fp32, gelu, init_normal_
+from infmoe.layers.base import FFNAux, FFNLayer, at_least_fp32, gelu, init_normal_, routing_linear
 from infmoe.layers.grouped import grouped_ffn
 
 IMPLS = ("grouped", "loop")
+
+
+class ExpertChoice(NamedTuple):
+    """What `TopKMoE.choose_experts` decides for T tokens.
+
+    logits (T, E): router logits, at least fp32 (the auxiliary losses read them).
+    expert (T, k): the chosen experts, best first.
+    weight (T, k): their weights, summing to routed_scale, in x's dtype.
+    """
+
+    logits: torch.Tensor
+    expert: torch.Tensor
+    weight: torch.Tensor
 
 
 class TopKMoE(FFNLayer):
@@ -88,22 +102,25 @@ class TopKMoE(FFNLayer):
         nn.init.zeros_(self.b_in)
         nn.init.zeros_(self.b_out)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, d) → logits (T, E), chosen experts (T, k), their weights (T, k) summing to
-        routed_scale."""
-        logits = self.router(x)
+    def choose_experts(self, x: torch.Tensor) -> ExpertChoice:
+        """x (T, d) → the top-k experts of each token and their weights (`ExpertChoice`).
+
+        The router runs in at least fp32 with autocast off: bf16 logits tie or swap order
+        between near-equal experts, so the choice would depend on the precision setting.
+        """
+        logits = routing_linear(x, self.router)
         top_logit, expert = logits.topk(self.top_k, dim=-1)
-        weight = at_least_fp32(top_logit).softmax(dim=-1)
+        weight = top_logit.softmax(dim=-1)
         if self.routed_scale != 1.0:
             weight = weight * self.routed_scale
-        weight = weight.to(x.dtype)
-        return logits, expert, weight
+        weight = weight.to(x.dtype)  # the loop path adds weighted outputs into x's dtype
+        return ExpertChoice(logits, expert, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.d_model)
         t = x2.shape[0]
-        logits, expert, weight = self.route(x2)
+        logits, expert, weight = self.choose_experts(x2)
         rows, counts, kept = self.assign(expert, t)
         token, row_weight = rows // self.top_k, weight.reshape(-1)[rows]
         if self.impl == "grouped":
@@ -184,6 +201,8 @@ class TopKMoE(FFNLayer):
                       + self.w_out[0].numel() + self.b_out[0].numel())
         return self.router.weight.numel() + self.top_k * per_expert
 
-    def flops_per_token(self, n_samples: int = 1) -> float:
+    def flops_per_token(self, n_samples: int = 1, union: float | None = None,
+                        executed: bool = False) -> float:
+        # Both paths compute exactly the k chosen experts (fewer only where capacity drops).
         router = 2 * self.d_model * self.n_experts
         return router + self.top_k * 2 * 2 * self.d_model * self.d_expert

@@ -52,7 +52,7 @@ def test_keeps_exactly_ceil_fraction_of_blocks_per_sample(d_hidden, block_size, 
     expected = math.ceil(Fraction(fraction).limit_denominator(1000) * n_blocks)
     assert layer.n_kept == expected
     x = torch.randn(50, D, dtype=torch.float64)
-    index, gate, _, _ = layer.masks(x, torch.randn(3, 50, DZ, dtype=torch.float64))
+    index, gate, _, _ = layer.select(x, torch.randn(3, 50, DZ, dtype=torch.float64))
     assert index.shape == (3, 50, expected)
     # distinct blocks within each sample, so the mask of one sample has exactly n_kept blocks
     assert (index.sort(dim=-1).values.diff(dim=-1) > 0).all()
@@ -74,11 +74,13 @@ def test_k_sample_output_is_mean_of_one_sample_outputs_with_same_noise():
     torch.testing.assert_close(together, separate, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["sparse", "masked"])
 @pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
 @pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("k", [1, 3])
-def test_matches_slow_per_unit_reference(block_size, k, gate):
-    layer = make(block_size=block_size, gate=gate)
+def test_matches_slow_per_unit_reference(block_size, k, gate, impl):
+    layer = make(block_size=block_size, gate=gate, impl=impl)
+    assert layer.uses_sparse(k) == (impl == "sparse")
     x = torch.randn(6, D, dtype=torch.float64)
     noise = torch.randn(k, 6, DZ, dtype=torch.float64)
     torch.testing.assert_close(layer(x, noise), reference(layer, x, noise), rtol=0, atol=1e-12)
@@ -152,7 +154,7 @@ def test_kl_term_matches_torch_distributions():
     layer = make(kl_weight=0.25)
     x = torch.randn(9, D, dtype=torch.float64)
     layer(x)
-    mu, sigma = layer.route(x)
+    mu, sigma = layer.router_distribution(x)
     expected = torch.distributions.kl_divergence(
         torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)
     ).sum(-1).mean()
@@ -160,16 +162,44 @@ def test_kl_term_matches_torch_distributions():
     assert make(kl_weight=0.0).aux.loss is None
 
 
-def test_stats_describe_the_last_call():
-    layer = make(block_size=2)
-    layer(torch.randn(40, D, dtype=torch.float64))
+def chosen_by_sets(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """(T, n_blocks) float: 1 where any of a token's K samples kept the block, from the
+    selection's index (K, T, n_kept) one token at a time with Python sets."""
+    rows = []
+    for t in range(index.shape[1]):
+        union = set(index[:, t].flatten().tolist())
+        rows.append([float(b in union) for b in range(n_blocks)])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_stats_describe_the_last_call(k):
+    layer = make(block_size=2, n_samples=k)
+    x = torch.randn(40, D, dtype=torch.float64)
+    noise = torch.randn(k, 40, DZ, dtype=torch.float64)
+    layer(x, noise)
     stats = layer.aux.stats
-    assert stats["union_fraction"].item() == pytest.approx(layer.n_kept / layer.n_blocks)
-    assert stats["block_usage"].shape == (layer.n_blocks,)
-    assert stats["block_usage"].sum().item() == pytest.approx(layer.n_kept)
-    assert 0 < stats["used_fraction"] <= 1
+    chosen = chosen_by_sets(layer.select(x, noise).index, layer.n_blocks)
+    assert stats["union_fraction"].item() == pytest.approx(chosen.mean().item(), abs=1e-7)
+    torch.testing.assert_close(stats["block_usage"], chosen.mean(0).float(), rtol=0, atol=1e-7)
+    assert stats["used_fraction"].item() == pytest.approx((chosen.sum(0) > 0).double().mean().item())
+    assert (k > 1) == (stats["union_fraction"] > layer.n_kept / layer.n_blocks)  # K masks overlap only partly
     assert stats["sigma_mean"] > layer.sigma_min
     assert not any(v.requires_grad for v in stats.values())
+
+
+def test_flops_per_token_counts_router_scores_and_the_blocks_computed():
+    layer = make(block_size=4)  # 6 blocks, 3 kept per sample
+    router, scores, whole = 2 * D * 2 * DZ, 2 * DZ * 6, 2 * 2 * D * H
+    assert layer.flops_per_token(1) == router + scores + 0.5 * whole
+    assert layer.flops_per_token(2) == pytest.approx(router + 2 * scores + 0.75 * whole)  # the union bound
+    assert layer.flops_per_token(2, union=0.6) == pytest.approx(router + 2 * scores + 0.6 * whole)
+    layer.impl = "sparse"  # runs the union
+    assert layer.flops_per_token(2, union=0.6, executed=True) == pytest.approx(
+        router + 2 * scores + 0.6 * whole)
+    layer.impl = "masked"  # runs all of H
+    assert layer.flops_per_token(2, union=0.6, executed=True) == pytest.approx(router + 2 * scores + whole)
+    assert layer.flops_per_token(2, union=0.6) == pytest.approx(router + 2 * scores + 0.6 * whole)
 
 
 def test_any_leading_shape():

@@ -165,6 +165,105 @@ def test_float32_runs_torch_grouped_mm_itself(monkeypatch):
     assert len(calls) == 12
 
 
+# --- groups that no row reached ----------------------------------------------------------
+# A grouped-GEMM kernel need not write (or zero) the weight gradient of a group with no
+# rows; the Function writes those zeros itself. float32 runs torch._grouped_mm, float64
+# its loop.
+
+PATHS = dict(argvalues=[torch.float32, torch.float64], ids=["grouped_mm", "loop"])
+
+
+def count_grouped_mm(monkeypatch) -> list:
+    calls, real = [], torch._grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.float32), ("cpu", torch.float64),
+    pytest.param("cuda", torch.bfloat16,
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                           reason="needs a CUDA device: the bf16 grouped-GEMM kernel runs only there")),
+], ids=["grouped_mm", "loop", "cuda-grouped_mm"])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4])
+@pytest.mark.parametrize("transposed_w1", [False, True])
+def test_grouped_ffn_gives_groups_without_rows_exactly_zero_gradients(
+        device, dtype, chunk_rows, transposed_w1, monkeypatch):
+    calls = count_grouped_mm(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    t, d, b = 6, 16, 8  # 16-byte aligned rows in bf16 too, so torch._grouped_mm takes them
+    counts = torch.tensor([0, 3, 0, 0, 5, 2, 0])  # empty first, last, alone and in a run
+    token = torch.cat([torch.randperm(t, generator=g)[:n].sort().values for n in counts.tolist()])
+    chunks = plan_chunks(token.to(device), counts, row_bytes=1, max_bytes=chunk_rows)
+    assert len(chunks) == {None: 1, 1: 4, 4: 3}[chunk_rows]
+
+    def param(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
+
+    w1 = param(7, b, d) if transposed_w1 else param(7, d, b)
+    x, gate, b1, w2 = param(t, d), param(len(token)), param(7, b), param(7, b, d)
+    y = GroupedFFN.apply(x, gate, w1.transpose(1, 2) if transposed_w1 else w1, b1, w2, chunks)
+    y.backward(torch.randn(t, d, generator=g).to(device, dtype))
+    assert bool(calls) == (dtype != torch.float64)
+    empty = (counts == 0).to(device)
+    for name, grad in [("w1", w1.grad), ("b1", b1.grad), ("w2", w2.grad)]:
+        assert torch.equal(grad[empty], torch.zeros_like(grad[empty])), name
+        assert (grad[~empty].flatten(1).abs().sum(1) > 0).all(), name
+
+
+@pytest.mark.parametrize("dtype", **PATHS)
+def test_infmoe_blocks_no_token_chose_get_exactly_zero_gradients(dtype, chunking, monkeypatch):
+    calls = count_grouped_mm(monkeypatch)
+    layer = infmoe(dtype, block_size=4, active_fraction=0.1)  # 12 blocks, 2 kept per sample
+    x, dy, noise = inputs(dtype, 1, t=3)
+    grads = run(layer, "sparse", x, dy, noise=noise)
+    assert bool(calls) == (dtype == torch.float32)
+    unused = (layer.aux.stats["block_usage"] == 0).repeat_interleave(4)  # per hidden unit
+    assert 0 < unused.sum() < len(unused)
+    for name in ("grad w_in", "grad b_in", "grad w_out"):
+        grad = grads[name]
+        assert torch.equal(grad[unused], torch.zeros_like(grad[unused])), name
+        assert (grad[~unused].reshape(-1, 4, *grad.shape[1:]).flatten(1).abs().sum(1) > 0).all(), name
+
+
+@pytest.mark.parametrize("dtype", **PATHS)
+def test_topk_experts_no_token_chose_get_exactly_zero_gradients(dtype, chunking, monkeypatch):
+    calls = count_grouped_mm(monkeypatch)
+    torch.manual_seed(0)
+    layer = TopKMoE(D, 32, n_experts=4, top_k=2).to(dtype)
+    layer.reset_parameters(std=0.3)
+    with torch.no_grad():  # positive inputs, so experts 1 and 2 win every token, 0 and 3 none
+        layer.router.weight.copy_(torch.tensor([-1.0, 1.0, 2.0, -2.0], dtype=dtype)[:, None].expand(4, D))
+    x, dy, _ = inputs(dtype, 1)
+    grads = run(layer, "grouped", x.abs() + 0.1, dy)
+    assert bool(calls) == (dtype == torch.float32)
+    assert layer.aux.stats["expert_load"].tolist() == [0.0, 0.5, 0.5, 0.0]
+    for name in ("grad w_in", "grad b_in", "grad w_out", "grad b_out"):
+        grad = grads[name]
+        assert torch.equal(grad[[0, 3]], torch.zeros_like(grad[[0, 3]])), name
+        assert (grad[[1, 2]].flatten(1).abs().sum(1) > 0).all(), name
+
+
+def test_grouped_ffn_backward_refuses_to_be_differentiated():
+    """Its backward is written by hand and not differentiable; a second-order gradient
+    through it would be silently wrong, so it must raise instead."""
+    g = torch.Generator().manual_seed(0)
+    token, counts = torch.tensor([0, 1, 2, 0, 2]), torch.tensor([3, 2])
+    (chunk,) = plan_chunks(token, counts, row_bytes=1, max_bytes=None)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    shapes = [(5,), (2, 4, 2), (2, 2), (2, 2, 4)]  # gate, w1, b1, w2
+    weights = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    y = GroupedFFN.apply(x, *weights, [chunk])
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)  # as a gradient penalty would
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.square().sum().backward()
+
+
 # --- the pieces ---------------------------------------------------------------------------
 
 
