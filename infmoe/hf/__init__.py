@@ -6,19 +6,23 @@ An export folder (``infmoe export CKPT --hf DIR``, or `export_hf`) holds:
 - config.json: model_type "infmoe", every `GPTConfig` field (ffn, ffn_options, ...), the
   ∞-MoE knobs ``n_samples`` (K) and ``mode`` at the top level, and an ``auto_map`` to
 - configuration_infmoe.py, modeling_infmoe.py: `InfmoeConfig` and `InfmoeForCausalLM`, a
-  `PreTrainedModel` + `GenerationMixin` that wraps our own `infmoe.models.GPT`;
+  `PreTrainedModel` + `GenerationMixin` that wraps our GPT, beside the modules of infmoe they
+  need (infmoe_layers_topk_moe.py, ...). All are generated from our source at export time
+  (`infmoe.hf.standalone`) and import only the standard library, torch and transformers:
+  one model definition, no hand-written copy to drift from it;
 - model.safetensors: the weights, named ``transformer.<our name>`` (the tied head once);
 - tokenizer.json, tokenizer_config.json: a `PreTrainedTokenizerFast` with
   ``<|endoftext|>`` as bos/eos/unk (tiktoken's GPT-2 converted to the same ids);
 - generation_config.json: bos/eos/pad = ``<|endoftext|>``.
 
-Loading it needs `infmoe` installed (the modeling code imports it) and `transformers`:
+Loading it needs only torch and transformers, not infmoe:
 
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)        # no network
     AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True, n_samples=4, mode="sample")
     AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)
 
-or, without trust_remote_code, after ``infmoe.hf.register()``. (AutoTokenizer reads
+or, where infmoe is installed, without trust_remote_code after ``infmoe.hf.register()``
+(which registers the in-repo classes, built on `infmoe.models.GPT`). (AutoTokenizer reads
 config.json first; without either, transformers asks on a terminal whether to run the
 custom code; answering no still loads the tokenizer, which is plain.) lm-evaluation-harness
 loads an export with ``--model hf --model_args pretrained=DIR,trust_remote_code=True``.

@@ -1,4 +1,4 @@
-"""`InfmoeConfig`: the transformers config of an infmoe model (copied into every export).
+"""`InfmoeConfig`: the transformers config of an infmoe model.
 
 It holds every field of `infmoe.models.GPTConfig` under the same name, plus the ∞-MoE
 inference knobs ``n_samples`` (K) and ``mode`` ("sample" | "mean") at the top level (None
@@ -8,14 +8,15 @@ for dense and top-k MoE models). The model reads those two on every forward, so 
     model.config.mode = "mean"
     editing "n_samples" in config.json
 
-changes how the ∞-MoE layers sample. Needs the `infmoe` package installed.
+changes how the ∞-MoE layers sample. In an export this file is generated from infmoe's
+source (`infmoe.hf.standalone`) and imports only torch and transformers.
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from infmoe.hf.format import MODEL_TYPE, gpt_config
+from infmoe.hf.fields import MODEL_TYPE, gpt_config
 from infmoe.models import GPTConfig
 
 

@@ -22,22 +22,20 @@ from safetensors.torch import save_file
 from infmoe.checkpoint import Checkpoint, check_weights
 from infmoe.data.tokenizer import BPE_FILE, Tokenizer, load_tokenizer
 from infmoe.errors import CheckpointError, InfmoeError
+from infmoe.hf.fields import MODEL_TYPE, config_fields, gpt_config
 from infmoe.hf.format import (
     ARCHITECTURE,
     AUTO_MAP,
-    CODE_FILES,
     CONFIG_FILE,
     GENERATION_FILE,
-    MODEL_TYPE,
     TIED_WEIGHT,
     WEIGHT_PREFIX,
     WEIGHTS_FILE,
-    config_fields,
-    gpt_config,
     read_config,
     read_weights,
 )
-from infmoe.io import OutputError
+from infmoe.hf.standalone import is_generated, write_standalone
+from infmoe.io import OutputError, readable_by_umask, write_errors, write_failure
 from infmoe.models import GPT
 
 _STAGING = ".infmoe-export-"
@@ -65,7 +63,7 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Pat
     _check_output_dir(out_dir)
     check_vocab(tokenizer, model.config.vocab_size, "the model to export")
     if importlib.util.find_spec("transformers") is None:
-        raise InfmoeError("exporting in Hugging Face format needs transformers: pip install 'infmoe[hf]'")
+        raise InfmoeError("exporting in Hugging Face format needs transformers: pip install 'transformers>=5.0'")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out_dir))
@@ -73,12 +71,23 @@ def save_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Pat
             _write_files(model, tokenizer, staging)
             names = sorted(os.listdir(staging), key=lambda name: name == CONFIG_FILE)  # config.json last
             for name in names:
+                readable_by_umask(staging / name)  # some writers create files 0600
                 os.replace(staging / name, out_dir / name)
+            _remove_stale_code(out_dir, keep=set(names))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    except OSError as err:
-        raise OutputError(f"cannot write {out_dir}: {err.strerror or err}; free disk space or choose a writable folder") from None
+    except write_errors() as err:  # safetensors wraps a full disk in its own error type
+        raise write_failure(out_dir, err) from None
     return out_dir
+
+
+def _remove_stale_code(out_dir: Path, keep: set[str]) -> None:
+    """Delete generated code files an earlier export wrote and this one did not (a module
+    renamed since), so the folder holds one model definition. Only files that carry the
+    generator's header are touched."""
+    for path in out_dir.glob("*.py"):
+        if path.name not in keep and is_generated(path):
+            path.unlink()
 
 
 def _write_files(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
@@ -98,9 +107,8 @@ def _write_files(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
     generation = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
     (folder / GENERATION_FILE).write_text(generation.to_json_string(), encoding="utf-8")
     save_hf_tokenizer(tokenizer, folder, model_max_length=model.config.n_ctx)
-    here = Path(__file__).parent
-    for name in CODE_FILES:
-        shutil.copyfile(here / name, folder / name)
+    # Generated from the source, not copied: the folder must load where infmoe is not installed.
+    write_standalone(folder)
     (folder / CONFIG_FILE).write_text(config.to_json_string(), encoding="utf-8")
 
 

@@ -1,21 +1,13 @@
-"""What an export directory holds, and how its config.json maps to our `GPTConfig`.
+"""What an export directory holds, and reading its config.json and weights.
 
 Nothing here imports `transformers`: reading an export back into our own model
-(`infmoe.hf.load_hf_dir`) works without it.
-
-config.json carries every `GPTConfig` field under its own name, except that the ∞-MoE
-inference knobs ``n_samples`` (K) and ``mode`` are lifted out of ``ffn_options`` to the top
-level, so that ``AutoConfig.from_pretrained(DIR, n_samples=4)``, setting
-``model.config.n_samples`` or editing config.json changes K. They are ``null`` for the
-other FFN types.
+(`infmoe.hf.load_hf_dir`) works without it. How config.json's fields map to `GPTConfig` is
+`infmoe.hf.fields`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +17,10 @@ from safetensors.torch import load_file
 
 from infmoe.data.text import one_line
 from infmoe.errors import CheckpointError
-from infmoe.layers import InfiniteMoE
-from infmoe.models import GPTConfig
 
-MODEL_TYPE = "infmoe"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation_config.json"
-CODE_FILES = ("configuration_infmoe.py", "modeling_infmoe.py")
 # The HF wrapper holds our GPT as `self.transformer`, so its weights carry this prefix.
 WEIGHT_PREFIX = "transformer."
 TIED_WEIGHT = "lm_head.weight"  # stored once, as the token embedding wte.weight
@@ -41,35 +29,8 @@ AUTO_MAP = {
     "AutoConfig": "configuration_infmoe.InfmoeConfig",
     "AutoModelForCausalLM": "modeling_infmoe.InfmoeForCausalLM",
 }
-SAMPLING_KEYS = ("n_samples", "mode")
-
-
-def sampling_defaults() -> dict[str, Any]:
-    """InfiniteMoE's own defaults for K and mode (1, "sample")."""
-    params = inspect.signature(InfiniteMoE).parameters
-    return {key: params[key].default for key in SAMPLING_KEYS}
-
-
-def config_fields(config: GPTConfig) -> dict[str, Any]:
-    """`GPTConfig` → the model fields of config.json (``n_samples``/``mode`` at the top)."""
-    fields = config.to_dict()
-    options = dict(fields.pop("ffn_options"))
-    if config.ffn == "infmoe":
-        sampling = {key: options.pop(key, default) for key, default in sampling_defaults().items()}
-    else:
-        sampling = dict.fromkeys(SAMPLING_KEYS)
-    return {**fields, "ffn_options": options, **sampling}
-
-
-def gpt_config(data: Mapping[str, Any]) -> GPTConfig:
-    """config.json's fields (or `InfmoeConfig.to_dict()`) → a validated `GPTConfig`; keys
-    that are not ours (transformers' own) are ignored. Raises a one-line `ConfigError`."""
-    fields = {f.name: data[f.name] for f in dataclasses.fields(GPTConfig) if f.name in data}
-    options = dict(fields.pop("ffn_options", None) or {})
-    defaults = sampling_defaults()
-    # Defaults stay implicit, so exporting and reading back gives an equal GPTConfig.
-    options.update({key: data[key] for key in SAMPLING_KEYS if data.get(key) not in (None, defaults[key])})
-    return GPTConfig.from_dict({**fields, "ffn_options": options})
+# The code files auto_map names; `infmoe.hf.standalone` writes the modules they need beside them.
+CODE_FILES = tuple(sorted({reference.split(".")[0] + ".py" for reference in AUTO_MAP.values()}))
 
 
 def read_config(folder: Path) -> dict[str, Any]:

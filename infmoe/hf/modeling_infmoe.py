@@ -1,7 +1,9 @@
-"""`InfmoeForCausalLM`: infmoe's GPT as a transformers causal LM (copied into every export).
+"""`InfmoeForCausalLM`: infmoe's GPT as a transformers causal LM.
 
-A thin wrapper: the network is `infmoe.models.GPT` itself (held as ``self.transformer``),
-so the `infmoe` package must be installed wherever an export is loaded. What it adds:
+A thin wrapper: the network is our GPT itself (`infmoe.models.GPT`, held as
+``self.transformer``). In an export this file and the modules it imports are generated from
+infmoe's source (`infmoe.hf.standalone`): the same code, importing only torch and
+transformers, so loading an export does not need infmoe. What the wrapper adds:
 
 - forward(input_ids, attention_mask, cache, labels, use_cache) → `CausalLMOutputWithPast`
   with logits (B, T, vocab), the loss when labels are given (shifted inside, as in every

@@ -1,5 +1,10 @@
 """Export → transformers: equal logits, generate(), K and mode through the config,
-AutoTokenizer, register(), and reading an export back into our own model."""
+AutoTokenizer, register(), and reading an export back into our own model.
+
+`theirs` loads with trust_remote_code, i.e. the code generated into the export (a copy of
+our source that imports only torch and transformers), not the infmoe package: each
+comparison with `ours` compares two separately loaded copies of the model code.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from infmoe.checkpoint import load_checkpoint
 from infmoe.generation import generate
 from infmoe.hf import load_hf_dir, register
 from infmoe.layers import sampling
+from infmoe.models import GPT
 
 TOL = 1e-5
 
@@ -24,7 +30,11 @@ def ours(checkpoint):
 
 
 def theirs(folder, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+    for cls in (type(model), type(model.transformer), *(type(ffn) for ffn in model.transformer.ffn_layers())):
+        assert cls.__module__.startswith("transformers_modules."), cls  # the export's code, not infmoe's
+    assert not isinstance(model.transformer, GPT)
+    return model
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
