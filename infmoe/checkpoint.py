@@ -77,10 +77,15 @@ def save_checkpoint(
     """Write `model`'s config and weights (or `weights`, e.g. gathered from FSDP shards) and
     an optimizer state keyed by parameter name ({"state": {name: {key: tensor}},
     "param_groups": [...]}) to `path` atomically: the previous file survives any failure.
-    Raises `OutputError` with one line when the folder cannot be written."""
+    Raises `OutputError` with one line when the folder cannot be written, and
+    `CheckpointError` when a weight is NaN or infinite (nothing is written then)."""
     path = Path(path)
     weights = model.state_dict() if weights is None else weights
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in weights.items() if k != _TIED}
+    bad = non_finite(tensors)
+    if bad:  # the last line of defence: a diverged model must never replace a good checkpoint
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} weight tensors are not finite "
+                              f"(e.g. {bad[0][len('model.'):]}); the previous file is kept")
     meta: dict[str, Any] = {
         "format": FORMAT,
         "config": model.config.to_dict(),
@@ -133,6 +138,20 @@ def load_checkpoint(path: str | os.PathLike, *, with_optimizer: bool = False) ->
             state.setdefault(name, {})[entry] = value
         checkpoint.optimizer = {"state": state, "param_groups": meta["optimizer_groups"]}
     return checkpoint
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def check_finite(weights: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    """A one-line `CheckpointError` naming the first tensor of `weights` with a NaN or
+    infinity: a model from a run that diverged (written by an older version or another tool)."""
+    bad = non_finite(weights)
+    if bad:
+        raise CheckpointError(f"{where} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                              f"that wrote it diverged; use an earlier checkpoint or train again with a lower --lr")
 
 
 def check_weights(path: Path, config: GPTConfig, weights: dict[str, torch.Tensor]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from collections.abc import Collection, Sequence
@@ -23,21 +22,23 @@ import torch
 from infmoe.checkpoint import save_checkpoint
 from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
-from infmoe.errors import ConfigError, InfmoeError, choose
-from infmoe.evaluation import plot_sweep, sweep_samples
+from infmoe.errors import ConfigError, InfmoeError, choose, positive_int
+from infmoe.evaluation import evaluate_model, perplexity, plot_sweep
 from infmoe.generation import check_sampling_args, generate
-from infmoe.io import write_text
-from infmoe.device import pick_device
-from infmoe.loading import load_model
+from infmoe.device import PRECISIONS, autocast_for, pick_device, uses_bf16
+from infmoe.io import atomic_paths, check_writable_file, write_text
+from infmoe.loading import LoadedModel, load_model, model_path
 from infmoe.layers import InfiniteMoE
 from infmoe.models import config_names, get_config
 from infmoe.randomness import seeded
 from infmoe.params import parameter_report
 from infmoe.training import TrainConfig, resolve, train
-from infmoe.training.batches import eval_batches
 
 TASK_NAMES = list(TASKS)
 MODEL_BATCH = {"tiny": (16, 256), "gpt2-small": (1, 1024)}  # sequences x tokens per training step
+# Decoding feeds one token per step: a second CPU thread saves under 10% on an idle machine
+# and doubles the time or worse when another process holds a core (docs/speed.md).
+GENERATE_THREADS = 1
 BOOLEAN_SETTINGS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
 
 
@@ -124,43 +125,46 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
               f"continue with: infmoe train --out_dir {cfg.out_dir} --resume ...", file=sys.stderr)
         return 130 if result.interrupted_by == "SIGINT" else 143
     if result.val_loss is not None:
-        print(f"final validation loss {result.val_loss:.4f} (perplexity {math.exp(result.val_loss):.2f}); "
+        print(f"final validation loss {result.val_loss:.4f} (perplexity {perplexity(result.val_loss):.2f}); "
               f"unigram baseline {result.unigram_loss:.4f}; checkpoint {result.checkpoint}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     samples = _int_list("--samples", args.samples)
-    model, tokenizer, trained_on = load_for_inference(args.checkpoint, args.device)
-    source = args.data or trained_on
+    positive_int("--tokens", args.tokens)
+    out = Path(args.out) if args.out else model_path(args.checkpoint).with_suffix("").parent / "eval"
+    for path in (out.with_suffix(".json"), out.with_suffix(".png")):
+        check_writable_file(path)  # before the compute, not after
+    loaded = load_for_inference(args.checkpoint, args.device)
+    source = args.data or loaded.data_source
     if source is None:
         raise ConfigError(f"{args.checkpoint} does not name its training data: pass --data SOURCE")
-    data = prepare(source, cache_dir=args.cache_dir, tokenizer=tokenizer, encoding_errors=args.encoding_errors,
-                   progress=False)
-    seq_len = args.seq_len or model.config.n_ctx
-    batches = eval_batches(data.valid, seq_len, args.batch_size, args.tokens)
-    device = next(model.parameters()).device
-    routed = any(isinstance(f, InfiniteMoE) for f in model.ffn_layers())
-    rows = sweep_samples(model, batches, device, samples=samples if routed else [1],
-                         include_mean=routed and args.mode in ("mean", "both"),
-                         include_sample=args.mode in ("sample", "both") or not routed, seed=args.seed)
-    table = Table(title=f"{args.checkpoint} on {source} (validation, {sum(y.numel() for _, y in batches):,} tokens)")
+    device = next(loaded.model.parameters()).device
+    result = evaluate_model(loaded.model, loaded.tokenizer, source, samples=samples, modes=args.mode,
+                            max_tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
+                            cache_dir=args.cache_dir, encoding_errors=args.encoding_errors, seed=args.seed,
+                            autocast=autocast_for(args.precision, device), progress=True)
+    table = Table(title=f"{args.checkpoint} on {source} (validation, {result.tokens:,} tokens)")
     for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token"):
         table.add_column(column, justify="right")
-    for r in rows:
+    for r in result.rows:
         table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}")
     _console().print(table)
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("").parent / "eval"
-    report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": sum(y.numel() for _, y in batches),
-              "device": str(device), "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows]}
-    write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    plot_sweep(rows, out.with_suffix(".png"), title=f"{Path(args.checkpoint).name}: K at inference")
+    report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": result.tokens, "device": str(device),
+              "precision": "bf16" if uses_bf16(args.precision, device) else "fp32",
+              "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in result.rows]}
+    with atomic_paths(out.with_suffix(".json"), out.with_suffix(".png")) as (json_tmp, png_tmp):
+        json_tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        plot_sweep(result.rows, png_tmp, title=f"{Path(args.checkpoint).name}: K at inference")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.device)
+    torch.set_num_threads(positive_int("--threads", args.threads))
+    loaded = load_for_inference(args.checkpoint, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if args.samples is not None or args.mode is not None:
         for layer in model.ffn_layers():
             if isinstance(layer, InfiniteMoE):
@@ -195,7 +199,8 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         return
     device = pick_device(args.device)
     if args.grid:
-        print(bench.sparse_grid(bench.SHAPES["quick" if args.quick else "gpt2-small"], args.repeats), end="")
+        print(bench.sparse_grid(bench.SHAPES["quick" if args.quick else "gpt2-small"], args.repeats,
+                                precision=args.precision), end="")
         return
     if args.quick:
         shapes, models, repeats = ["quick"], [("tiny", 2, 64)], min(args.repeats, 3)
@@ -207,7 +212,7 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     for name, *_ in models:
         choose("--models", name, MODEL_BATCH)
     result = bench.run(shapes, repeats=repeats, memory=not args.no_memory, models=models, device=device,
-                       peak=not args.quick)
+                       peak=not args.quick, precision=args.precision)
     print(bench.markdown(result), end="")
     bench.save(result, args.json, args.markdown)
 
@@ -216,6 +221,8 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int |
     from infmoe.experiments import build_sections, load_results, load_spec, refresh_curves, run_grid, update_markdown
 
     spec = load_spec(args.spec)
+    if args.report:
+        check_writable_file(args.report)  # before the grid, not after hours of it
     if not args.report_only:
         try:
             run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None)
@@ -240,7 +247,8 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 def cmd_upcycle(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe.hf import upcycle_to_infmoe
 
-    model, tokenizer, _ = load_for_inference(args.model, "cpu")
+    loaded = load_for_inference(args.model, "cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
     with seeded(args.seed):
         upcycled = upcycle_to_infmoe(model, **{"d_z": 48, **overrides})
     save_checkpoint(args.out, upcycled, tokenizer_files=tokenizer.files(),
@@ -253,7 +261,10 @@ def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe.evaluation.tasks import load_task
     from infmoe.evaluation.zeroshot import evaluate_task
 
-    model, tokenizer, _ = load_for_inference(args.model, args.device)
+    if args.out:
+        check_writable_file(args.out)  # before the compute, not after
+    loaded = load_for_inference(args.model, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     requests = load_task(args.task, args.data, limit=args.limit)
     result = evaluate_task(model, tokenizer, requests, batch_size=args.batch_size, n_samples=args.samples,
                            mode=args.mode, seed=args.seed, progress=True, skip_too_long=args.skip_too_long)
@@ -271,11 +282,12 @@ def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
                                          **summary}, indent=2) + "\n")
 
 
-def load_for_inference(path: str, device: str):
-    """(model in eval mode on `device`, tokenizer, training data source or None) from any
-    MODEL `infmoe.loading` reads."""
+def load_for_inference(path: str, device: str) -> LoadedModel:
+    """Any MODEL that `infmoe.loading` reads, its model in eval mode on `device`."""
+    device = pick_device(device)  # a bad --device fails before the weights are read
     loaded = load_model(path)
-    return loaded.model.to(pick_device(device)), loaded.tokenizer, loaded.data_source
+    loaded.model.to(device)
+    return loaded
 
 
 def _console() -> Console:
@@ -331,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="default: the model's n_ctx")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--out", default=None, help="output path prefix for .json and .png (default: <checkpoint folder>/eval)")
     p.set_defaults(handler=cmd_eval, overrides=False)
 
@@ -346,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", "--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=GENERATE_THREADS,
+                   help=f"CPU threads (default {GENERATE_THREADS}; see docs/speed.md)")
     p.set_defaults(handler=cmd_generate, overrides=False)
 
     p = sub.add_parser("zeroshot", help="zero-shot multiple-choice accuracy (HellaSwag, PIQA, ARC, ...)",
@@ -375,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as in training: auto = bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--no-memory", "--no_memory", action="store_true", help="skip the memory columns")
     p.add_argument("--grid", action="store_true", help="sparse / masked time over block size and K instead")
     p.add_argument("--render", default=None, metavar="JSON", help="re-render the tables of a saved --json result")

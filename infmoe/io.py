@@ -1,9 +1,17 @@
-"""Writing files so that nothing already on disk is lost or half-written."""
+"""Writing files so that nothing already on disk is lost or half-written.
+
+Every file we write goes to a temporary name beside its destination, is flushed to disk,
+then renamed over it: the previous file survives any failure, a full disk included. The
+temporaries are named ``.<name>.<random>.tmp``, so a process killed mid-write leaves
+only such a file, which `remove_stale_temporaries` clears on the next run.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +23,40 @@ class OutputError(InfmoeError):
     """An output file or folder that cannot be written (permissions, disk full, ...)."""
 
 
+def write_failure(path: str | os.PathLike, err: BaseException) -> OutputError:
+    """One `OutputError` line for a failed write of `path`, whichever library raised it."""
+    return OutputError(f"cannot write {path}: {os_reason(err)}; free disk space or choose a writable folder")
+
+
+def os_reason(err: BaseException) -> str:
+    """The operating system's words for `err`: an OSError's strerror, or the message a
+    Rust library (safetensors, tokenizers) wraps around it, e.g. ``message: "No space..."``."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r'message: "([^"]+)"', str(err))
+    return found.group(1) if found else (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a failed write raises: OSError, and safetensors' own error type,
+    which wraps the OS error (ENOSPC, EFBIG, ...) instead of raising it."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError
+
+
+def readable_by_umask(path: str | os.PathLike) -> None:
+    """Give `path` the mode a plain open() would (0666 minus the umask): mkstemp creates
+    files 0600, which would make checkpoints private against the user's own settings."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` when the block succeeds,
-    delete it when the block fails. An OSError becomes one `OutputError` line."""
+    delete it when the block fails. A failed write becomes one `OutputError` line."""
     path = Path(path)
     tmp = None
     try:
@@ -28,15 +66,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        readable_by_umask(tmp)
         os.replace(tmp, path)
         tmp = None
-    except OSError as err:
-        raise OutputError(
-            f"cannot write {path}: {err.strerror or err}; free disk space or choose a writable folder"
-        ) from None
+    except write_errors() as err:
+        raise write_failure(path, err) from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """`atomic_path` for files that belong together (a report and its plot): one temporary
+    each, and none is renamed into place unless every one of them was written."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries `atomic_path` left beside `path` when its process was killed
+    (only names of our own pattern, ``.<name>.*.tmp``); returns what was deleted."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,3 +109,13 @@ def check_writable(folder: str | os.PathLike) -> Path:
     except OSError as err:
         raise OutputError(f"cannot write to {folder}: {err.strerror or err}; choose a writable folder") from None
     return folder
+
+
+def check_writable_file(path: str | os.PathLike) -> Path:
+    """Prove that `path` can be written (its folder exists or can be made, and is writable;
+    `path` is not a folder) before any compute, without touching `path` itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    check_writable(path.parent)
+    return path

@@ -12,9 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from infmoe.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from infmoe.checkpoint import CHECKPOINT_FILE, check_finite, load_checkpoint
 from infmoe.data.tokenizer import Tokenizer
 from infmoe.errors import CheckpointError
 from infmoe.models import GPT
@@ -65,7 +63,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         tokenizer = folder_tokenizer(path, model.config.vocab_size)
     else:
         model, tokenizer = load_hf_dir(path)
-    check_finite(model, path)
+    check_finite(model.state_dict(), path)
     return LoadedModel(model.eval(), tokenizer, path, source)
 
 
@@ -73,11 +71,3 @@ def load_model_and_tokenizer(path: str | os.PathLike) -> tuple[GPT, Tokenizer]:
     """(model, tokenizer) of `load_model`."""
     loaded = load_model(path)
     return loaded.model, loaded.tokenizer
-
-
-def check_finite(model: torch.nn.Module, where: str | os.PathLike) -> None:
-    """A one-line `CheckpointError` naming the first tensor with a NaN or infinity."""
-    bad = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
-    if bad:
-        raise CheckpointError(f"{where} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
-                              f"that wrote it diverged; use an earlier checkpoint or train again with a lower --lr")

@@ -5,7 +5,7 @@
 
 import sys
 
-from infmoe.cli import main
+from infmoe.launch import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -67,6 +67,7 @@ class FullDisk:
         """Leave `free` bytes writable (tmpfs), or limit every file the command writes to `free` bytes."""
         self.free = free
         if self.mounted:
+            (self.folder / ".filler").unlink(missing_ok=True)  # measure the space without the last filler
             stat = os.statvfs(self.folder)
             left = stat.f_bavail * stat.f_frsize - free
             with open(self.folder / ".filler", "wb") as f:

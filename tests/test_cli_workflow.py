@@ -26,16 +26,23 @@ def one_error_line(capsys, needle):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_train_prints_final_loss_and_baseline(trained, capsys):
-    assert trained.exists()
+def test_train_writes_a_checkpoint_that_learned(trained):
+    from infmoe.checkpoint import load_checkpoint
+
+    import math
+
+    checkpoint = load_checkpoint(trained)
+    chance = math.log(checkpoint.config.vocab_size)  # the loss of the untrained model, about
+    assert checkpoint.state["step"] == 20 and checkpoint.state["val_loss"] < chance - 0.3
 
 
 def test_eval_prints_table_and_writes_json_and_png(trained, tmp_path, cache_dir, capsys):
     out = tmp_path / "k-sweep"
     assert main(["eval", str(trained), "--samples", "1,2,4", "--tokens", "1024", "--cache_dir", str(cache_dir),
                  "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "K=1" in text and "K=4" in text and "mean" in text
+    printed = capsys.readouterr()
+    assert "K=1" in printed.out and "K=4" in printed.out and "mean" in printed.out
+    assert "evaluate" in printed.err  # the progress bar
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["label"] for r in report["rows"]] == ["K=1", "K=2", "K=4", "mean"]
     assert all(r["ms_per_token"] > 0 and r["loss"] > 0 and 0 < r["accuracy"] < 1 for r in report["rows"])
@@ -164,11 +171,135 @@ def test_upcycle_a_dense_model_and_continue_training(tmp_path, micro, capsys):
 
 
 @pytest.mark.parametrize("signal_name,status", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_an_interrupted_train_exits_with_the_signal_status(tmp_path, micro, monkeypatch, capsys, signal_name, status):
-    import infmoe.cli as cli
-    from infmoe.training import TrainResult
+def test_an_interrupted_train_exits_with_the_signal_status(tmp_path, micro, signal_name, status):
+    """A real signal to a real run, once its first step is logged: a checkpoint and the status."""
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    stopped = TrainResult(tmp_path, tmp_path / "checkpoint.safetensors", 3, None, 5.0, signal_name)
-    monkeypatch.setattr(cli, "train", lambda cfg, model_config: stopped)
-    assert main(["train", *argv(micro(tmp_path))]) == status
-    assert "continue with: infmoe train" in capsys.readouterr().err
+    settings = micro(tmp_path, max_steps=400, warmup_steps=2, log_interval=1, eval_interval=400, save_interval=400)
+    child = subprocess.Popen([sys.executable, "-m", "infmoe.cli", "train", *argv(settings)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(getattr(signal, signal_name))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == status, err
+    assert "continue with: infmoe train" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path, micro, delay):
+    """SIGINT while the command still imports torch (0.2 s) or prepares the run (1.5 s)."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen([shutil.which("infmoe"), "train", *argv(micro(tmp_path))], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("infmoe train: interrupted",
+                                                                                "stopped by SIGINT"))
+
+
+def write_with_a_nan(checkpoint, out):
+    """A copy of `checkpoint` with one weight NaN, written the way an older infmoe (or any
+    other tool) could: straight through safetensors, past our writer's refusal."""
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.startswith("model.") and k.endswith("attn.c_proj.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_non_finite_weights_are_refused_by_every_command(trained, tmp_path, capsys):
+    bad = write_with_a_nan(trained, tmp_path / "diverged.safetensors")
+    for command in (["eval", str(bad), "--out", str(tmp_path / "ev")], ["generate", str(bad), "--prompt", "x"],
+                    ["export", str(bad), "--hf", str(tmp_path / "hf")], ["zeroshot", str(bad), "--task", "piqa",
+                                                                           "--data", str(tmp_path / "none.jsonl")]):
+        assert main(command) == 2, command
+        one_error_line(capsys, "non-finite weights")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "ev.json").exists()
+
+
+def test_every_command_takes_a_run_folder(trained, tmp_path, cache_dir, micro, capsys):
+    run_dir = trained.parent
+    assert main(["eval", str(run_dir), "--samples", "1", "--tokens", "512", "--cache_dir", str(cache_dir),
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["rows"][0]["loss"] > 0
+    assert main(["generate", str(run_dir), "--prompt", "The", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    assert main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    data = tmp_path / "piqa.jsonl"
+    data.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n")
+    assert main(["zeroshot", str(run_dir), "--task", "piqa", "--data", str(data)]) == 0
+    settings = {k: v for k, v in micro(tmp_path / "more", max_steps=2, warmup_steps=1).items()
+                if k not in ("config", "n_layer", "d_model", "n_head", "n_ctx")}
+    assert main(["train", *argv(settings), "--init_from", str(run_dir)]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["eval", str(empty)]) == 2
+    one_error_line(capsys, "neither checkpoint.safetensors (a run folder of infmoe train) nor config.json")
+
+
+def test_outputs_are_checked_before_any_compute(trained, tmp_path, monkeypatch, capsys):
+    import infmoe.cli as cli
+    import infmoe.evaluation.zeroshot as zeroshot
+
+    def computed(*args, **kwargs):
+        raise AssertionError("computed before the output was checked")
+
+    monkeypatch.setattr(cli, "evaluate_model", computed)
+    monkeypatch.setattr(zeroshot, "evaluate_task", computed)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["eval", str(trained), "--out", str(blocker / "ev")]) == 2
+    one_error_line(capsys, "cannot write to")
+    data = tmp_path / "piqa.jsonl"
+    data.write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0}) + "\n")
+    assert main(["zeroshot", str(trained), "--task", "piqa", "--data", str(data), "--out", str(blocker / "r.json")]) == 2
+    one_error_line(capsys, "cannot write to")
+
+
+def test_eval_rejects_zero_tokens(trained, capsys):
+    assert main(["eval", str(trained), "--tokens", "0"]) == 2
+    one_error_line(capsys, "--tokens=0")
+
+
+def test_exports_follow_the_umask(trained, tmp_path):
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        assert main(["export", str(trained), "--hf", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "hf").iterdir()}
+    assert set(modes.values()) == {"0o640"}, modes
+
+
+def test_generate_threads(trained, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        for flags, expected in (([], 1), (["--threads", "2"], 2)):
+            assert main(["generate", str(trained), "--prompt", "The", "--max-new-tokens", "2", *flags]) == 0
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main(["generate", str(trained), "--prompt", "The", "--threads", "0"]) == 2
+    one_error_line(capsys, "--threads=0")

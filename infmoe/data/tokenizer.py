@@ -7,8 +7,10 @@ document separator ``<|endoftext|>``: written literally in a text, it encodes to
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sized
 from pathlib import Path
@@ -125,7 +127,10 @@ class Tokenizer:
             (directory / TIKTOKEN_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
             (directory / BPE_FILE).unlink(missing_ok=True)  # one tokenizer per folder
         else:
-            self._backend.save(str(directory / BPE_FILE))
+            try:
+                self._backend.save(str(directory / BPE_FILE))
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a failed write
+                raise _as_os_error(e) from None
             (directory / TIKTOKEN_FILE).unlink(missing_ok=True)
 
 
@@ -134,6 +139,14 @@ class Tokenizer:
         with tempfile.TemporaryDirectory() as tmp:
             self.save(tmp)
             return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
+
+
+def _as_os_error(error: Exception) -> OSError:
+    """tokenizers' "No space left on device (os error 28)" as the OSError it stands for, so
+    that callers handle a full disk here as they do everywhere else."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def check_bpe_vocab(vocab_size: object) -> int:

@@ -1,5 +1,7 @@
-"""Evaluation: validation loss/perplexity and the K sweep at inference."""
+"""Evaluation: validation loss/perplexity and the K sweep at inference; zero-shot tasks."""
 
-from infmoe.evaluation.perplexity import SweepRow, evaluate_loss, plot_sweep, sweep_samples
+from infmoe.evaluation.perplexity import (
+    Evaluation, SweepRow, eval_batches, evaluate_loss, evaluate_model, perplexity, plot_sweep, sweep_samples)
 
-__all__ = ["SweepRow", "evaluate_loss", "plot_sweep", "sweep_samples"]
+__all__ = ["Evaluation", "SweepRow", "eval_batches", "evaluate_loss", "evaluate_model", "perplexity", "plot_sweep",
+           "sweep_samples"]

@@ -1,4 +1,4 @@
-"""Validation loss and perplexity, and the sweep over ∞-MoE's K at inference.
+"""Validation batches, loss and perplexity, and the sweep over ∞-MoE's K at inference.
 
 Every evaluation runs under a forked, fixed-seed RNG: a re-run gives the same numbers and
 evaluating in the middle of training does not disturb the training run's random stream.
@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from infmoe.io import atomic_path
-from infmoe.layers import sampling
+from infmoe.data import PreparedData, Tokenizer, prepare
+from infmoe.errors import DataError, choose, positive_int
+from infmoe.layers import InfiniteMoE, sampling
 from infmoe.models import GPT
 from infmoe.randomness import seeded
 
@@ -26,6 +29,25 @@ Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first max_tokens of `tokens` (at least one window) as consecutive windows of
+    seq_len, in batches of batch_size in a fixed order: inputs, targets each (b, seq_len) int64."""
+    positive_int("tokens", max_tokens)
+    n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
+    if n < 1:
+        raise DataError(f"the validation split has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}: "
+                        "use more validation text or a smaller --seq_len")
+    rows = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1]).astype(np.int64))
+    x = rows[:-1].view(n, seq_len)
+    y = rows[1:].view(n, seq_len)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) of a loss in nats/token; inf where that overflows a float."""
+    return math.exp(loss) if loss < 709 else float("inf")
 
 
 @torch.no_grad()
@@ -76,7 +98,8 @@ class SweepRow:
 @torch.no_grad()
 def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples: Sequence[int] = (1, 2, 4, 8),
                   include_mean: bool = True, include_sample: bool = True, seed: int = 1234,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[SweepRow]:
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  progress: bool = False) -> list[SweepRow]:
     """Loss, perplexity, next-token accuracy and wall-clock ms/token for each K (and mean mode).
 
     Settings are interleaved batch by batch, so drift in the machine's speed hits them
@@ -90,7 +113,7 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
     hits = [0] * len(settings)
     times: list[list[float]] = [[] for _ in settings]
     count = 0
-    for b, (x, y) in enumerate(batches):
+    for b, (x, y) in enumerate(tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False)):
         x, y = x.to(device), y.to(device)
         for i, (mode, k) in enumerate(settings):
             with seeded(seed + 7919 * i + b, device), sampling(model, n_samples=k, mode=mode), autocast():
@@ -106,13 +129,52 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
     for i, (mode, k) in enumerate(settings):
         loss = totals[i] / count
         label = "mean" if mode == "mean" else f"K={k}"
-        rows.append(SweepRow(label, mode, k, loss, math.exp(loss), hits[i] / count,
+        rows.append(SweepRow(label, mode, k, loss, perplexity(loss), hits[i] / count,
                              1e3 * sorted(times[i])[len(times[i]) // 2]))
     return rows
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate_model` measured: one row per inference setting, on `batches` of the
+    validation split of `data`."""
+
+    rows: list[SweepRow]
+    data: PreparedData
+    batches: Batches
+
+    @property
+    def tokens(self) -> int:
+        return sum(y.numel() for _, y in self.batches)
+
+
+MODES = ("sample", "mean", "both")
+
+
+def evaluate_model(model: GPT, tokenizer: Tokenizer, source: str, *, samples: Sequence[int] = (1, 2, 4, 8),
+                   modes: str = "both", max_tokens: int = 131072, batch_size: int = 8, seq_len: int | None = None,
+                   cache_dir: str | None = None, encoding_errors: str = "strict", seed: int = 1234,
+                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   progress: bool = False) -> Evaluation:
+    """The K sweep (`sweep_samples`) of `model` on the first `max_tokens` validation tokens of
+    corpus `source`, tokenized with the model's own `tokenizer`, on the model's device.
+    `modes`: "sample" (each K), "mean" (z = μ), or "both"; models without ∞-MoE layers get
+    one row. What `infmoe eval` prints and what the experiment runner records."""
+    choose("mode", modes, MODES)
+    data = prepare(source, cache_dir=cache_dir, tokenizer=tokenizer, encoding_errors=encoding_errors, progress=False)
+    batches = eval_batches(data.valid, seq_len or model.config.n_ctx, batch_size, max_tokens)
+    routed = any(isinstance(f, InfiniteMoE) for f in model.ffn_layers())
+    device = next(model.parameters()).device
+    rows = sweep_samples(model, batches, device, samples=samples if routed else [1],
+                         include_mean=routed and modes in ("mean", "both"),
+                         include_sample=modes in ("sample", "both") or not routed,
+                         seed=seed, autocast=autocast, progress=progress)
+    return Evaluation(rows, data, batches)
+
+
 def plot_sweep(rows: Sequence[SweepRow], path, title: str = "") -> None:
-    """Validation loss against ms/token, one labelled point per setting, saved as PNG."""
+    """Validation loss against ms/token, one labelled point per setting, saved as PNG to
+    `path` (a temporary of `infmoe.io.atomic_path`: this writes in place)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -132,6 +194,7 @@ def plot_sweep(rows: Sequence[SweepRow], path, title: str = "") -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)

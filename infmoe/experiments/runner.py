@@ -130,25 +130,27 @@ def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) ->
 
 
 def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int]) -> dict[str, Any]:
-    """Everything the report needs about one finished run."""
+    """Everything the report needs about one finished run, evaluated on the device and in
+    the precision the run trained with."""
     import torch
 
     from infmoe.checkpoint import load_checkpoint
-    from infmoe.data import prepare, unigram_loss
-    from infmoe.evaluation import sweep_samples
+    from infmoe.data import unigram_loss
+    from infmoe.device import autocast_for, pick_device, uses_bf16
+    from infmoe.evaluation import evaluate_model
     from infmoe.layers import InfiniteMoE
     from infmoe.params import parameter_report
-    from infmoe.training.batches import eval_batches
 
     ckpt = load_checkpoint(checkpoint)
-    model, tokenizer = ckpt.build_model().eval(), ckpt.tokenizer()
     cfg = ckpt.state["train_config"]
-    data = prepare(cfg["data"], cache_dir=cfg.get("cache_dir"), tokenizer=tokenizer, progress=False)
+    device = pick_device(cfg.get("device", "auto"))
+    model, tokenizer = ckpt.build_model(device).eval(), ckpt.tokenizer()
+    result = evaluate_model(model, tokenizer, cfg["data"], samples=samples, max_tokens=eval_tokens, batch_size=16,
+                            seq_len=cfg.get("seq_len"), cache_dir=cfg.get("cache_dir"),
+                            autocast=autocast_for(cfg.get("precision", "auto"), device))
+    rows, data = result.rows, result.data
     seq_len = cfg.get("seq_len") or model.config.n_ctx
-    batches = eval_batches(data.valid, seq_len, 16, eval_tokens)
     layers = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
-    device = torch.device("cpu")
-    rows = sweep_samples(model, batches, device, samples=samples if layers else [1], include_mean=bool(layers))
     trained_k = layers[0].n_samples if layers else 1
     trained_mode = layers[0].mode if layers else "sample"
     headline = next(r for r in rows if r.mode == trained_mode and (r.mode == "mean" or r.n_samples == trained_k))
@@ -158,12 +160,14 @@ def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int
         "params": {"total": report.total, "active": report.active[1]},
         "steps": ckpt.state["step"], "tokens_seen": ckpt.state["step"] * cfg["batch_size"] * cfg["grad_accum"]
         * ckpt.state.get("world_size", 1) * seq_len,
-        "eval_tokens": sum(y.numel() for _, y in batches),
+        "eval_tokens": result.tokens,
         "headline": headline.to_dict(), "sweep": [r.to_dict() for r in rows],
         "baselines": {"unigram": unigram_loss(data.train, data.valid, data.vocab_size),
                       "bigram": bigram_loss(data.train, data.valid, data.vocab_size)},
         "curve": read_curve(checkpoint.parent / "metrics.jsonl"),
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "precision": "bf16" if uses_bf16(cfg.get("precision", "auto"), device) else "fp32",
     }
     if job.zeroshot:
         record["zeroshot"] = zeroshot(model, tokenizer, job.zeroshot)

@@ -1,4 +1,4 @@
-"""Training and evaluation batches from a 1-D array of token ids.
+"""Training batches from a 1-D array of token ids (validation batches: `infmoe.evaluation`).
 
 Training windows are the non-overlapping (seq_len + 1)-token slices of the stream, visited
 in a fresh seeded permutation each epoch. Which windows a step uses is a pure function of
@@ -48,15 +48,3 @@ class WindowSampler:
         per_micro = batch_size * world_size
         first = (step * grad_accum + micro) * per_micro + rank * batch_size
         return self.windows(first, batch_size)
-
-
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first max_tokens of `tokens` as consecutive windows, in batches (fixed order)."""
-    n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
-    if n < 1:
-        raise DataError(f"the validation split has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}: "
-                        "use more validation text or a smaller --seq_len")
-    rows = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1]).astype(np.int64))
-    x = rows[:-1].view(n, seq_len)
-    y = rows[1:].view(n, seq_len)
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]

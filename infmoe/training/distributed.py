@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from infmoe.errors import ConfigError
+from infmoe.randomness import seeded
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,12 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     if world.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # DDP waits for a gradient of every parameter unless told some never come (the
+        # router under gate="constant" gets none); asking costs a graph walk per step, so
+        # ask only when the model has such parameters.
+        unused = bool(parameters_without_gradient(model, device))
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=unused)
     if world.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -69,6 +75,25 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
             fully_shard(block)
         fully_shard(model)
     return model
+
+
+def parameters_without_gradient(model: nn.Module, device: torch.device) -> list[str]:
+    """Names of the trainable parameters the loss never reaches, read off the autograd graph
+    of one forward on a single token (no backward, the RNG untouched). Every variant holds
+    its experts or blocks as whole tensors, so what one token reaches is what any batch does."""
+    idx = torch.zeros(1, 1, dtype=torch.long, device=device)
+    with seeded(0, device):
+        loss = model(idx, idx).loss
+    reached, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # an AccumulateGrad node: a leaf that gets a gradient
+            reached.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
 
 
 @contextlib.contextmanager
@@ -87,6 +112,21 @@ def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def weights_finite(model: nn.Module, world: World) -> bool:
+    """Whether every weight of every rank (each rank's shard under FSDP) is finite; the same
+    answer on every rank."""
+    local = all(bool(torch.isfinite(_local(p)).all()) for p in model.parameters())
+    if not world.distributed:
+        return local
+    flag = torch.tensor([0.0 if local else 1.0], device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # an FSDP2 DTensor: this rank's shard
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World):

@@ -7,6 +7,7 @@ distributed run samples its own ∞-MoE noise, reproducibly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -19,19 +20,19 @@ import torch
 from tqdm.auto import tqdm
 
 from infmoe.checkpoint import CHECKPOINT_FILE as CHECKPOINT
-from infmoe.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from infmoe.checkpoint import Checkpoint, check_finite, load_checkpoint, save_checkpoint
 from infmoe.data import prepare, unigram_loss
 from infmoe.device import autocast_for, pick_device
 from infmoe.errors import CheckpointError, InfmoeError
-from infmoe.evaluation.perplexity import evaluate_loss
-from infmoe.io import check_writable
+from infmoe.evaluation.perplexity import eval_batches, evaluate_loss, perplexity
+from infmoe.io import OutputError, check_writable, remove_stale_temporaries
 from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import GPT, GPTConfig
 from infmoe.randomness import derive_seed
-from infmoe.training.batches import WindowSampler, eval_batches
+from infmoe.training.batches import WindowSampler
 from infmoe.training.config import TrainConfig
 from infmoe.training.distributed import (
-    World, all_reduce_sum, full_state, gradient_sync, init_world, load_optimizer_state, shutdown, wrap)
+    World, all_reduce_sum, full_state, gradient_sync, init_world, load_optimizer_state, shutdown, weights_finite, wrap)
 from infmoe.training.metrics import MetricsLog, RoutingMonitor
 from infmoe.training.optim import build_optimizer, lr_at
 
@@ -97,6 +98,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     ckpt_path = out_dir / CHECKPOINT
     if world.is_main:
         check_writable(out_dir)
+        remove_stale_temporaries(ckpt_path)  # left by a process killed mid-write; never our live file
         if ckpt_path.exists() and not cfg.resume:
             raise CheckpointError(f"{out_dir} already holds a checkpoint: pass --resume to continue it, "
                                   "or choose another --out_dir")
@@ -131,8 +133,17 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     forward = torch.compile(engine) if cfg.compile else engine
     autocast = autocast_for(cfg.precision, device)
     log = MetricsLog(out_dir, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard) if world.is_main else None
+    last_good = start if ckpt is not None else None
+
+    def diverged(what: str) -> None:
+        where = f"the last good checkpoint (step {last_good}) is kept at {ckpt_path}" if last_good is not None \
+            else "no checkpoint was written"
+        raise TrainingDiverged(f"{what}; training stopped and {where}: lower --lr, raise --warmup_steps "
+                               "or lower --grad_clip")
 
     def save(step: int, val_loss: float | None) -> None:
+        if not weights_finite(model, world):  # every rank decides alike, so none waits in a collective
+            diverged(f"the weights became non-finite by step {step}")
         weights, optimizer_state = full_state(model, optimizer, world)  # a collective under FSDP
         if world.is_main:
             state = {"step": step, "train_config": dataclasses.asdict(cfg), "world_size": world.world_size,
@@ -144,66 +155,86 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     tokens_per_step = global_batch(cfg, world) * seq_len
     val_loss = None
     bar = tqdm(total=end, initial=start, disable=not cfg.progress or not world.is_main, unit="step", dynamic_ncols=True)
-    last_good = start if ckpt is not None else None
     interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
     model.train()
-    with _StopFlag() as stop:
-        step = start
-        while step < end:
-            torch.manual_seed(derive_seed(cfg.seed, step, world.rank))
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                x, y = sampler.batch(step, micro, cfg.batch_size, cfg.grad_accum, world.rank, world.world_size)
-                with gradient_sync(engine, world, micro == cfg.grad_accum - 1), autocast():
-                    out = forward(x.to(device), y.to(device))
-                    (out.loss / cfg.grad_accum).backward()
-                loss_sum += out.loss.detach()
-                monitor.update(model.routing_stats())
-            loss = all_reduce_sum(loss_sum, world).item() / (cfg.grad_accum * world.world_size)
-            if not math.isfinite(loss):
-                where = f"the last good checkpoint (step {last_good}) is kept at {ckpt_path}" if last_good is not None \
-                    else "no checkpoint was written"
-                raise TrainingDiverged(f"loss became {loss} at step {step + 1}; training stopped and {where}: "
-                                       "lower --lr, raise --warmup_steps or lower --grad_clip")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
-            bar.update(1)
-            if on_step is not None:
-                on_step(step, loss)
+    step, stopped_by = start, None
+    try:
+        with _StopFlag() as stop:
+            step = start
+            while step < end:
+                torch.manual_seed(derive_seed(cfg.seed, step, world.rank))
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    x, y = sampler.batch(step, micro, cfg.batch_size, cfg.grad_accum, world.rank, world.world_size)
+                    with gradient_sync(engine, world, micro == cfg.grad_accum - 1), autocast():
+                        out = forward(x.to(device), y.to(device))
+                        (out.loss / cfg.grad_accum).backward()
+                    loss_sum += out.loss.detach()
+                    monitor.update(model.routing_stats())
+                loss = all_reduce_sum(loss_sum, world).item() / (cfg.grad_accum * world.world_size)
+                if not math.isfinite(loss):
+                    diverged(f"the loss became {loss} at step {step + 1}")
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+                # A finite loss can still have a non-finite gradient; clipping by an infinite norm
+                # multiplies by 0 · inf = NaN, so the update would write NaN into every weight.
+                if not torch.isfinite(grad_norm):
+                    diverged(f"the gradient norm became {float(grad_norm)} at step {step + 1} (loss {loss:.4g}), "
+                             "so the step was not applied")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, loss)
 
-            if step % cfg.log_interval == 0 or step == end:
-                elapsed = time.perf_counter() - interval_start
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                values = {"train/loss": interval_loss / interval_steps, "train/lm_loss": float(out.lm_loss.detach()),
-                          "train/aux_loss": float(out.aux_loss.detach()), "train/lr": lr,
-                          "train/grad_norm": float(grad_norm),
-                          "train/tokens_per_s": tokens_per_step * interval_steps / elapsed}
-                values.update(monitor.summary())
-                if log is not None:
-                    log.log(step, values)
-                bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
-                interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
-            if step % cfg.eval_interval == 0 or step == end:
-                val_loss = evaluate_loss(engine, val_batches, device, autocast=autocast,
-                                         rank=world.rank, world_size=world.world_size)
-                if log is not None:
-                    log.log(step, {"val/loss": val_loss, "val/perplexity": math.exp(val_loss)})
-                bar.write(f"step {step}: validation loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
-            if step % cfg.save_interval == 0 or step == end or stop.signal:
-                save(step, val_loss)
-                last_good = step
-            if stop.signal:
-                break
+                if step % cfg.log_interval == 0 or step == end:
+                    elapsed = time.perf_counter() - interval_start
+                    values = {"train/loss": interval_loss / interval_steps, "train/lm_loss": float(out.lm_loss.detach()),
+                              "train/aux_loss": float(out.aux_loss.detach()), "train/lr": lr,
+                              "train/grad_norm": float(grad_norm),
+                              "train/tokens_per_s": tokens_per_step * interval_steps / elapsed}
+                    values.update(monitor.summary())
+                    if log is not None:
+                        log.log(step, values)
+                    bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
+                    interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
+                if step % cfg.eval_interval == 0 or step == end:
+                    val_loss = evaluate_loss(engine, val_batches, device, autocast=autocast,
+                                             rank=world.rank, world_size=world.world_size)
+                    if not math.isfinite(val_loss):
+                        diverged(f"the validation loss became {val_loss} at step {step}")
+                    if log is not None:
+                        log.log(step, {"val/loss": val_loss, "val/perplexity": perplexity(val_loss)})
+                    if world.is_main:
+                        bar.write(f"step {step}: validation loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
+                if step % cfg.save_interval == 0 or step == end or stop.signal:
+                    save(step, val_loss)
+                    last_good = step
+                if stop.signal:
+                    break
+        stopped_by = stop.signal
+    except OutputError as err:  # a full disk mid-run: say what survived and how to go on
+        _close(bar, log, quietly=True)
+        kept = f"the checkpoint of step {last_good} is kept" if last_good is not None else "no checkpoint was written"
+        raise OutputError(f"{err}; {kept}: continue with --resume") from None
+    except BaseException:
+        _close(bar, log, quietly=True)
+        raise
+    _close(bar, log)
+    return TrainResult(out_dir, ckpt_path, step, val_loss, baseline, stopped_by, world.rank)
+
+
+def _close(bar, log: MetricsLog | None, quietly: bool = False) -> None:
+    """Close the progress bar and the logs; `quietly` while another error is on its way out."""
     bar.close()
     if log is not None:
-        log.close()
-    return TrainResult(out_dir, ckpt_path, step, val_loss, baseline, stop.signal, world.rank)
+        with contextlib.suppress(OutputError) if quietly else contextlib.nullcontext():
+            log.close()
 
 
 def global_batch(cfg: TrainConfig, world: World) -> int:
@@ -235,6 +266,7 @@ def _resumable(path: Path, cfg: TrainConfig, model_config: GPTConfig, data_meta:
     if not path.exists():
         raise CheckpointError(f"--resume: there is no {CHECKPOINT} in {path.parent}; drop --resume to start a new run")
     ckpt = load_checkpoint(path, with_optimizer=True)
+    check_finite(ckpt.weights, path)
     if ckpt.config != model_config:
         diff = [k for k, v in model_config.to_dict().items() if ckpt.config.to_dict().get(k) != v]
         raise CheckpointError(f"--resume: the checkpoint's model config differs in {', '.join(diff)}; "
@@ -246,7 +278,8 @@ def _resumable(path: Path, cfg: TrainConfig, model_config: GPTConfig, data_meta:
         changed.append(f"the global batch (batch_size x grad_accum x ranks: {saved_batch} before, "
                        f"{global_batch(cfg, world)} now)")
     if changed:
-        raise CheckpointError(f"--resume: {', '.join(changed)} differ from the checkpoint's run, so it cannot "
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise CheckpointError(f"--resume: {', '.join(changed)} {verb} from the checkpoint's run, so it cannot "
                               "continue exactly; use the same values or a new --out_dir")
     if not _same_data(ckpt.state.get("data", {}).get("meta", {}), data_meta):
         raise CheckpointError("--resume: the prepared data differs from the checkpoint's (the corpus changed?); "

@@ -4,40 +4,72 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
+
+from infmoe.io import write_errors, write_failure, write_text
 
 
 class MetricsLog:
     """Appends {"step": s, ...} lines to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    On resume the lines after the resumed step are dropped, so the file reads as one run.
+    On resume the lines after the resumed step are dropped, so the file reads as one run,
+    and TensorBoard purges its events after that step the same way. A write that fails (a
+    full disk) raises one `OutputError` line; the checkpoint is unaffected.
     """
 
     def __init__(self, out_dir: Path, *, resume_step: int | None, tensorboard: bool) -> None:
         self.path = out_dir / "metrics.jsonl"
         if resume_step is None:
-            self.path.write_text("")
+            write_text(self.path, "")
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_text(self.path, "".join(line + "\n" for line in kept))
         self.writer = None
+        self._excepthook = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: TensorBoard is slow to import
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resume_step)
+            # The step `resume_step` itself was logged before its checkpoint was saved, so
+            # keep it: purge from the first step the resumed run logs again.
+            purge = None if resume_step is None else resume_step + 1
+            self._excepthook = threading.excepthook
+            threading.excepthook = _quiet_tensorboard_writer(self._excepthook)
+            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if self.writer is not None:
+                for key, value in values.items():
+                    self.writer.add_scalar(key, value, step)
+        except write_errors() as err:
+            raise write_failure(self.path.parent, err) from None
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        except write_errors() as err:
+            raise write_failure(self.path.parent / "tensorboard", err) from None
+        finally:
+            if self._excepthook is not None:
+                threading.excepthook = self._excepthook
+
+
+def _quiet_tensorboard_writer(previous):
+    """TensorBoard writes events from a thread; a failed write there prints a traceback and
+    is raised again on the next `add_scalar` in the main thread, where we turn it into one
+    line. So the thread's own report is dropped; any other thread's reaches `previous`."""
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    return hook
 
 
 class RoutingMonitor:

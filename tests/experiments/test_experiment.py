@@ -73,6 +73,27 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_
     assert "no run or job named nope in the spec; its runs are dense, inf" in capsys.readouterr().err
 
 
+def test_a_run_is_evaluated_where_and_as_it_trained(tmp_path, corpus, cache_dir):
+    """The result records the device and precision of the evaluation: those of training
+    (here the CPU in bf16 autocast), not a fixed CPU in fp32."""
+    spec = load_spec(write_spec(tmp_path, corpus, cache_dir, runs={"inf": {"config": "tiny-infmoe", "block_size": 16,
+                                                                           "precision": "bf16", "device": "cpu"}},
+                                report=[]))
+    (job,) = spec.jobs
+    from infmoe.experiments.runner import run_job
+
+    run_job(job, 512, [1], str(spec.result_path(job)))
+    record = json.loads(spec.result_path(job).read_text())
+    assert record["device"] == "cpu" and record["precision"] == "bf16"
+    from infmoe.checkpoint import load_checkpoint
+    from infmoe.evaluation import evaluate_model
+
+    checkpoint = load_checkpoint(tmp_path / "runs" / "inf-seed0" / "checkpoint.safetensors")
+    fp32 = evaluate_model(checkpoint.build_model(), checkpoint.tokenizer(), str(corpus), samples=[1], max_tokens=512,
+                          batch_size=16, cache_dir=str(cache_dir))
+    assert record["headline"]["loss"] != fp32.rows[0].loss  # the recorded loss came from the bf16 evaluation
+
+
 def test_spec_errors_are_caught_before_any_run(tmp_path, corpus, cache_dir):
     bad = write_spec(tmp_path, corpus, cache_dir, runs={"x": {"config": "tiny-dense", "lrate": 1}})
     with pytest.raises(ConfigError, match="run 'x'.*--lrate"):

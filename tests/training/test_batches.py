@@ -1,7 +1,8 @@
 import numpy as np
 import torch
 
-from infmoe.training.batches import WindowSampler, eval_batches
+from infmoe.evaluation.perplexity import eval_batches
+from infmoe.training.batches import WindowSampler
 
 
 def test_windows_are_disjoint_within_an_epoch_and_targets_shift_by_one():

@@ -16,12 +16,13 @@ def losses(out_dir) -> list[float]:
     return [r["train/loss"] for r in rows if "train/loss" in r]
 
 
-def torchrun(settings: dict, nproc: int = 2) -> None:
+def torchrun(settings: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     args = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            "-m", "infmoe.train", *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 # ∞-MoE in mean mode and top-k MoE without the load-balancing loss: both are functions of
@@ -41,6 +42,22 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, micro,
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, abs=1e-5)
+
+
+# Every gate under DDP, in mean mode so that two ranks must match one process exactly. The
+# constant gate leaves the router and score map without gradients (with a KL weight the
+# router gets one through the KL, the score map still none): DDP must be told, or it waits
+# for them and fails at the second step.
+@pytest.mark.parametrize("options", [dict(gate="softmax"), dict(gate="constant"),
+                                     dict(gate="constant", kl_weight=0.01)], ids=["softmax", "constant", "constant-kl"])
+def test_ddp_trains_every_gate(tmp_path, micro, options):
+    common = dict(config="tiny-infmoe", mode="mean", log_interval=1, max_steps=4, eval_interval=4, **options)
+    train(*resolve(micro(tmp_path / "one", batch_size=4, **common)))
+    done = torchrun(micro(tmp_path / "two", batch_size=2, parallel="ddp", **common))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    printed = done.stdout + done.stderr
+    assert printed.count("step 4: validation loss") == 1, printed  # rank 0 alone reports
+    assert printed.count("final validation loss") == 1, printed
 
 
 def test_fsdp_checkpoint_from_two_ranks_resumes_on_one(tmp_path, micro):

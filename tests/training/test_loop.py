@@ -1,4 +1,3 @@
-import errno
 import json
 import os
 import signal
@@ -48,26 +47,105 @@ def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, micro, sig):
     assert resumed.step == 8 and resumed.interrupted_by is None
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, micro, monkeypatch):
-    from infmoe.models import GPT
+# At this width and learning rate the second step's loss is finite (~4e7) but its gradient
+# is not: a real divergence, nothing patched.
+DIVERGES = dict(d_model=64, lr=1e3, warmup_steps=1, log_interval=1)
 
-    real = GPT.forward
-    calls = {"n": 0}
 
-    def poisoned(self, idx, targets=None, cache=None):
-        out = real(self, idx, targets, cache)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] > 6:
-                out.loss = out.loss * float("nan")
-        return out
+def all_finite(path) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in load_checkpoint(path).weights.values())
 
-    monkeypatch.setattr(GPT, "forward", poisoned)
+
+def test_a_non_finite_gradient_stops_before_the_update(tmp_path, micro):
     with pytest.raises(TrainingDiverged) as err:
-        run(micro(tmp_path, save_interval=4))
+        run(micro(tmp_path, save_interval=1, **DIVERGES))
     message = str(err.value)
-    assert "loss became nan at step 7" in message and "step 4" in message and "\n" not in message
-    assert load_checkpoint(tmp_path / "checkpoint.safetensors").state["step"] == 4
+    assert "gradient norm became nan at step 2" in message and "step was not applied" in message, message
+    assert "last good checkpoint (step 1)" in message and "\n" not in message
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors").state["step"] == 1
+    assert all_finite(tmp_path / "checkpoint.safetensors")
+
+
+def test_a_huge_lr_on_resume_never_overwrites_a_good_checkpoint(tmp_path, micro):
+    finished, _ = run(micro(tmp_path, max_steps=4, d_model=64))
+    with pytest.raises(TrainingDiverged):
+        run(micro(tmp_path, max_steps=8, resume=True, save_interval=1, **DIVERGES))
+    assert all_finite(finished.checkpoint)
+
+
+def test_save_checkpoint_refuses_non_finite_weights_and_keeps_the_file(tmp_path, micro):
+    from infmoe.checkpoint import save_checkpoint
+
+    finished, _ = run(micro(tmp_path, max_steps=2, warmup_steps=1))
+    before = finished.checkpoint.read_bytes()
+    model = load_checkpoint(finished.checkpoint).build_model()
+    with torch.no_grad():
+        model.blocks[0].attn.c_proj.weight[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="not finite"):
+        save_checkpoint(finished.checkpoint, model)
+    assert finished.checkpoint.read_bytes() == before
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_no_temporary_after_resume(tmp_path, micro):
+    """SIGKILL a real run while it writes a checkpoint (a 4 x 192 model, written at every
+    step), then resume: the temporary it left is removed."""
+    import subprocess
+    import sys
+    import time
+
+    settings = micro(tmp_path, n_layer=4, d_model=192, n_head=4, save_interval=1, max_steps=400, warmup_steps=2,
+                     eval_interval=400)
+    argv = [item for key, value in settings.items() for item in (f"--{key}", str(value))]
+    stale = []
+    for _attempt in range(5):
+        for old in tmp_path.glob("*"):
+            if old.is_file():
+                old.unlink()
+        child = subprocess.Popen([sys.executable, "-m", "infmoe.cli", "train", *argv], stderr=subprocess.DEVNULL,
+                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            writing = [p for p in tmp_path.glob(".checkpoint.safetensors.*.tmp") if _size(p)]
+            if writing and (tmp_path / "checkpoint.safetensors").exists():
+                child.kill()
+                break
+            time.sleep(0.0005)
+        child.wait()
+        stale = [p for p in tmp_path.glob(".checkpoint.safetensors.*.tmp") if _size(p)]
+        if stale:
+            break
+    assert stale, "never caught the run in the middle of a checkpoint write"
+    run(dict(settings, resume=True, stop_at=load_checkpoint(tmp_path / "checkpoint.safetensors").state["step"] + 1))
+    assert not any(path.exists() for path in stale)
+
+
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # renamed into place meanwhile
+        return 0
+
+
+def test_tensorboard_keeps_every_step_across_a_resume(tmp_path, micro):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(micro(tmp_path, stop_at=3, log_interval=1, tensorboard=True))
+    run(micro(tmp_path, resume=True, log_interval=1, tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([logged[s] for s in range(1, 9)])
+
+
+def test_checkpoints_follow_the_umask(tmp_path, micro):
+    previous = os.umask(0o027)
+    try:
+        result, _ = run(micro(tmp_path, max_steps=2, warmup_steps=1))
+    finally:
+        os.umask(previous)
+    assert result.checkpoint.stat().st_mode & 0o777 == 0o640
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(tmp_path, micro):
@@ -101,19 +179,19 @@ def test_resume_follows_the_data_not_where_it_lives(tmp_path, micro, corpus):
         run(micro(tmp_path / "run", data=str(edited), resume=True))
 
 
-def test_disk_full_keeps_the_previous_checkpoint(tmp_path, micro, monkeypatch):
-    first, _ = run(micro(tmp_path, stop_at=4))
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, micro, full_disk):
+    settings = micro(full_disk.folder / "run", stop_at=4)
+    first, _ = run(settings)
     before = first.checkpoint.read_bytes()
-    import infmoe.checkpoint as checkpoint
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(checkpoint, "save_file", full)
-    with pytest.raises(OutputError, match="No space left on device"):
-        run(micro(tmp_path, resume=True))
+    full_disk.fill(free=16 * 1024)  # the metrics lines fit, the next checkpoint does not
+    argv = [item for key, value in dict(settings, stop_at=8, resume=True).items() for item in (f"--{key}", str(value))]
+    done = full_disk.run(["train", *argv])
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "cannot write" in lines[0] and "the checkpoint of step 4 is kept" in lines[0] and "--resume" in lines[0]
     assert first.checkpoint.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    assert list(first.checkpoint.parent.glob(".*.tmp")) == []
 
 
 def test_unwritable_out_dir_fails_before_any_compute(tmp_path, micro):
@@ -149,3 +227,17 @@ def test_unknown_settings_are_rejected_before_training(tmp_path, micro):
         resolve(micro(tmp_path, warmup_steps=8))
     with pytest.raises(ConfigError, match="seq_len=64"):
         resolve(micro(tmp_path, seq_len=64))
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_weights(tmp_path, micro):
+    """One an older version could have written: the weights NaN, written past our writer."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    first, _ = run(micro(tmp_path, stop_at=2))
+    with safe_open(str(first.checkpoint), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v * float("nan") if k.startswith("model.") else v for k, v in tensors.items()}
+    save_file(tensors, str(first.checkpoint), metadata=metadata)
+    with pytest.raises(CheckpointError, match="non-finite weights"):
+        run(micro(tmp_path, resume=True))
