@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,14 +49,12 @@ class Checkpoint:
 
     def tokenizer(self):
         """The tokenizer the model was trained with (its files travel in the checkpoint)."""
-        from infmoe.data import load_tokenizer
+        from infmoe.data.tokenizer import tokenizer_from_files
 
         if not self.tokenizer_files:
             raise CheckpointError(f"{self.path} carries no tokenizer: it was saved without one; re-save it from training")
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, text in self.tokenizer_files.items():
-                (Path(tmp) / name).write_text(text, encoding="utf-8")
-            tokenizer = load_tokenizer(tmp)
+        tokenizer = tokenizer_from_files(self.tokenizer_files, lambda name: f"{name} inside {self.path}",
+                                         "re-save the checkpoint from training")
         if tokenizer.vocab_size != self.config.vocab_size:
             raise CheckpointError(f"{self.path}: tokenizer vocabulary {tokenizer.vocab_size} != model vocab_size "
                                   f"{self.config.vocab_size}; the checkpoint is inconsistent")

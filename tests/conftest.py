@@ -46,22 +46,20 @@ def micro(corpus, cache_dir):
 class FullDisk:
     """A folder where writing fails for real because the disk is full.
 
-    Where this process may mount (root), `folder` is a small tmpfs and `fill(free)` writes a
-    filler file until only `free` bytes are left, so writes fail with ENOSPC. Elsewhere
-    `folder` is an ordinary folder and `run` applies RLIMIT_FSIZE = `free` to the command,
-    so the kernel refuses any file that grows past it (EFBIG; Python ignores SIGXFSZ).
-    Either way the failure comes from the operating system, not from a patched function.
+    kind "tmpfs" (where this process may mount, as root): `folder` is a small tmpfs and
+    `fill(free)` writes a filler file until only `free` bytes are left, so writes fail with
+    ENOSPC. kind "file-size-limit": `folder` is an ordinary folder and `run` applies
+    RLIMIT_FSIZE = `free` to the command, so the kernel refuses any file that grows past it
+    (EFBIG; Python ignores SIGXFSZ). Either way the failure comes from the operating
+    system, not from a patched function.
     """
 
-    def __init__(self, folder, size: int = 64 * 2**20) -> None:
-        import subprocess
-
+    def __init__(self, folder, kind: str, size: int = 64 * 2**20) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.free, self.mounted = folder, None, False
-        if os.geteuid() == 0:
-            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                                  capture_output=True)
-            self.mounted = done.returncode == 0
+        if kind == "tmpfs":
+            assert _mount_tmpfs(folder, size), f"cannot mount a tmpfs at {folder}"
+            self.mounted = True
 
     def fill(self, free: int) -> None:
         """Leave `free` bytes writable (tmpfs), or limit every file the command writes to `free` bytes."""
@@ -96,9 +94,31 @@ class FullDisk:
             subprocess.run(["umount", "-l", str(self.folder)], capture_output=True)
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A `FullDisk` at tmp_path/disk, unmounted afterwards."""
-    disk = FullDisk(tmp_path / "disk")
+def _mount_tmpfs(folder, size: int) -> bool:
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def _full_disk_kinds() -> list[str]:
+    """Both kinds where a tmpfs can be mounted (root), so both stay tested; else the limit."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as probe:
+        if _mount_tmpfs(probe, 2**20):
+            import subprocess
+
+            subprocess.run(["umount", probe], capture_output=True)
+            return ["tmpfs", "file-size-limit"]
+    return ["file-size-limit"]
+
+
+@pytest.fixture(params=_full_disk_kinds())
+def full_disk(tmp_path, request):
+    """A `FullDisk` at tmp_path/disk, of each kind this machine allows; unmounted afterwards."""
+    disk = FullDisk(tmp_path / "disk", request.param)
     yield disk
     disk.close()

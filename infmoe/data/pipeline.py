@@ -140,9 +140,8 @@ def _tokenizer_settings(given: Tokenizer | None, vocab_size: int) -> dict[str, A
         return {"tokenizer": "bpe", "vocab_size": vocab_size}
     if given.is_tiktoken:  # fixed by its name; the same key as tokenizer="gpt2"
         return {"tokenizer": given.name}
-    with tempfile.TemporaryDirectory() as tmp:  # a given BPE: its saved vocabulary and merges
-        given.save(tmp)
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(tmp).iterdir()))).hexdigest()
+    # a given BPE: its saved vocabulary and merges, hashed as the bytes `save` writes
+    digest = hashlib.sha256(b"".join(text.encode("utf-8") for _, text in sorted(given.files().items()))).hexdigest()
     return {"tokenizer": given.name, "tokenizer_sha256": digest}
 
 

@@ -7,12 +7,9 @@ document separator ``<|endoftext|>``: written literally in a text, it encodes to
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import re
-import tempfile
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
 
 import tiktoken
@@ -112,41 +109,24 @@ class Tokenizer:
             return self._backend.decode(ids)
         return self._backend.decode(ids, skip_special_tokens=False)
 
+    def files(self) -> dict[str, str]:
+        """This tokenizer as {file name: text}: ``tokenizer.json`` for a BPE, the small marker
+        ``tiktoken.json`` for a tiktoken encoding (its files live in tiktoken's cache). What
+        `save` writes, and how a tokenizer travels inside a checkpoint."""
+        if isinstance(self._backend, tiktoken.Encoding):
+            marker = {"kind": "tiktoken", "encoding": self.name, "vocab_size": self.vocab_size, "eot_id": self.eot_id}
+            return {TIKTOKEN_FILE: json.dumps(marker, indent=2) + "\n"}
+        return {BPE_FILE: self._backend.to_str(pretty=True)}
+
     def save(self, directory: str | os.PathLike) -> None:
-        """Write this tokenizer into `directory`: ``tokenizer.json`` for a BPE, the small
-        marker ``tiktoken.json`` for a tiktoken encoding (its files live in tiktoken's cache)."""
+        """Write `files` into `directory`, removing the other kind's file (one tokenizer per folder)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if isinstance(self._backend, tiktoken.Encoding):
-            marker = {
-                "kind": "tiktoken",
-                "encoding": self.name,
-                "vocab_size": self.vocab_size,
-                "eot_id": self.eot_id,
-            }
-            (directory / TIKTOKEN_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-            (directory / BPE_FILE).unlink(missing_ok=True)  # one tokenizer per folder
-        else:
-            try:
-                self._backend.save(str(directory / BPE_FILE))
-            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a failed write
-                raise _as_os_error(e) from None
-            (directory / TIKTOKEN_FILE).unlink(missing_ok=True)
-
-
-    def files(self) -> dict[str, str]:
-        """The files `save` writes, as {name: text}: how a tokenizer travels inside a checkpoint."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save(tmp)
-            return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.is_file()}
-
-
-def _as_os_error(error: Exception) -> OSError:
-    """tokenizers' "No space left on device (os error 28)" as the OSError it stands for, so
-    that callers handle a full disk here as they do everywhere else."""
-    found = re.search(r"\(os error (\d+)\)", str(error))
-    code = int(found.group(1)) if found else errno.EIO
-    return OSError(code, os.strerror(code))
+        files = self.files()
+        for name, text in files.items():
+            (directory / name).write_text(text, encoding="utf-8")
+        for name in {BPE_FILE, TIKTOKEN_FILE} - set(files):
+            (directory / name).unlink(missing_ok=True)
 
 
 def check_bpe_vocab(vocab_size: object) -> int:
@@ -162,21 +142,35 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     """The tokenizer that `Tokenizer.save` wrote into `directory`; a one-line `DataError`
     when there is none or it cannot be read."""
     directory = Path(directory)
-    bpe, marker = directory / BPE_FILE, directory / TIKTOKEN_FILE
-    fix = f"delete {directory} and prepare the data again"
-    if bpe.is_file():
+    files = {}
+    for name in (BPE_FILE, TIKTOKEN_FILE):
         try:
-            return Tokenizer(HFTokenizer.from_file(str(bpe)))
+            files[name] = (directory / name).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"tokenizer file {directory / name} is unreadable ({one_line(e, 160)}); "
+                            f"delete {directory} and prepare the data again") from None
+    return tokenizer_from_files(files, lambda name: str(directory / name), f"delete {directory} and prepare the data again")
+
+
+def tokenizer_from_files(files: dict[str, str], where: Callable[[str], str], fix: str) -> Tokenizer:
+    """The tokenizer that `Tokenizer.files` gave as `files`, read without touching the disk;
+    a one-line `DataError` naming the file (`where(name)` says where it came from) and
+    `fix` when it is missing or corrupt."""
+    if BPE_FILE in files:
+        try:
+            return Tokenizer(HFTokenizer.from_str(files[BPE_FILE]))
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
-            raise DataError(f"tokenizer file {bpe} is corrupt ({one_line(e, 160)}); {fix}") from None
-    if marker.is_file():
+            raise DataError(f"tokenizer file {where(BPE_FILE)} is corrupt ({one_line(e, 160)}); {fix}") from None
+    if TIKTOKEN_FILE in files:
         try:
-            name = json.loads(marker.read_text(encoding="utf-8"))["encoding"]
+            name = json.loads(files[TIKTOKEN_FILE])["encoding"]
             if name != "gpt2":
                 raise ValueError(f"unknown encoding {name!r}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"tokenizer marker {marker} is corrupt ({one_line(e, 160)}); {fix}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"tokenizer marker {where(TIKTOKEN_FILE)} is corrupt ({one_line(e, 160)}); {fix}") from None
         return Tokenizer.gpt2()
-    raise DataError(f"no tokenizer in {directory} (neither {BPE_FILE} nor {TIKTOKEN_FILE}); {fix}")
+    raise DataError(f"no tokenizer in {where('')} (neither {BPE_FILE} nor {TIKTOKEN_FILE}); {fix}")
