@@ -116,10 +116,10 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, chunk: Chunk) -> torch.Tensor:
     """
     if _fast_ok(a) and _fast_ok(b) and a.dtype == b.dtype and a.numel() and b.numel():
         return torch._grouped_mm(a, b, offs=chunk.offs)
-    return _grouped_mm_loop(a, b, chunk.counts)
+    return grouped_mm_loop(a, b, chunk.counts)
 
 
-def _grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Reference semantics of `grouped_mm`, one plain matmul per group."""
     if b.dim() == 3:
         return torch.cat([part @ w for part, w in zip(a.split(counts), b)])

@@ -10,7 +10,7 @@ import torch
 
 from infmoe import ConfigError, InfiniteMoE, TopKMoE
 from infmoe.layers import grouped
-from infmoe.layers.grouped import GroupedFFN, _grouped_mm_loop, grouped_mm, plan_chunks
+from infmoe.layers.grouped import GroupedFFN, grouped_mm_loop, grouped_mm, plan_chunks
 
 D, DZ, T = 16, 4, 37  # T prime: per-block token counts divide into nothing convenient
 TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
@@ -274,7 +274,7 @@ def test_grouped_mm_op_equals_its_loop_with_empty_groups():
     a, b3 = torch.randn(10, 8), torch.randn(4, 8, 12)
     left, right = torch.randn(8, 10), torch.randn(10, 12)
     for x, y in [(a, b3), (a, b3.transpose(1, 2).contiguous().transpose(1, 2)), (left, right), (a.T.contiguous().T, b3)]:
-        torch.testing.assert_close(grouped_mm(x, y, chunk), _grouped_mm_loop(x, y, chunk.counts), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grouped_mm(x, y, chunk), grouped_mm_loop(x, y, chunk.counts), rtol=1e-6, atol=1e-6)
 
 
 def test_chunks_hold_whole_groups_within_the_budget():

@@ -164,6 +164,10 @@ def test_resume_refuses_a_changed_setup(tmp_path, micro):
         run(micro(tmp_path, resume=True, n_layer=3))
     with pytest.raises(CheckpointError, match="no checkpoint.safetensors"):
         run(micro(tmp_path / "empty", resume=True))
+    with pytest.raises(CheckpointError, match="--resume: seed differs from the checkpoint's run"):
+        run(micro(tmp_path, resume=True, seed=1))
+    with pytest.raises(CheckpointError, match="--resume: seq_len, seed differ from"):
+        run(micro(tmp_path, resume=True, seed=1, seq_len=16))
 
 
 def test_resume_follows_the_data_not_where_it_lives(tmp_path, micro, corpus):
