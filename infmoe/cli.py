@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from collections.abc import Collection, Sequence
@@ -40,6 +41,7 @@ MODEL_BATCH = {"tiny": (16, 256), "gpt2-small": (1, 1024)}  # sequences x tokens
 # and doubles the time or worse when another process holds a core (docs/speed.md).
 GENERATE_THREADS = 1
 BOOLEAN_SETTINGS = {f.name for f in dataclasses.fields(TrainConfig) if isinstance(f.default, bool)}
+TEXT_SETTINGS = TrainConfig.text_fields()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,10 +49,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def parse_overrides(tokens: Sequence[str], flags: Collection[str] = ()) -> dict[str, Any]:
+def parse_overrides(tokens: Sequence[str], flags: Collection[str] = (), text: Collection[str] = ()) -> dict[str, Any]:
     """``--key value`` or ``--key=value`` pairs → {key: value}, values typed as YAML
     scalars (``--d_z 32`` gives 32, ``--capacity_factor null`` gives None). Keys in
-    `flags` may stand alone and then mean true (``--resume``)."""
+    `flags` may stand alone and then mean true (``--resume``); values of keys in `text`
+    stay as written (``--out_dir 2024`` is a folder name, not a number)."""
     out: dict[str, Any] = {}
     tokens = list(tokens)
     while tokens:
@@ -66,17 +69,19 @@ def parse_overrides(tokens: Sequence[str], flags: Collection[str] = ()) -> dict[
                 raise ConfigError(f"option --{key} has no value: write --{key} VALUE")
             else:
                 value = tokens.pop(0)
-        out[key] = _scalar(value)
+        out[key] = value if key in text else _scalar(value)
     return out
+
+
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _scalar(text: str) -> Any:
     value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    # YAML 1.1 reads 1e-3 as a string; turn such numbers into floats, but not words that
+    # float() also takes ("nan", "inf"), which are names far more often than numbers.
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)
     return value
 
 
@@ -470,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rest and not args.overrides:
             raise ConfigError(f"unknown option {rest[0].partition('=')[0]} (see infmoe {args.command} --help)")
-        status = args.handler(args, parse_overrides(rest, flags=BOOLEAN_SETTINGS))
+        status = args.handler(args, parse_overrides(rest, flags=BOOLEAN_SETTINGS, text=TEXT_SETTINGS))
     except InfmoeError as err:
         print(f"infmoe {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -29,10 +29,13 @@ def write_failure(path: str | os.PathLike, err: BaseException) -> OutputError:
 
 
 def os_reason(err: BaseException) -> str:
-    """The operating system's words for `err`: an OSError's strerror, or the message a
-    Rust library (safetensors, tokenizers) wraps around it, e.g. ``message: "No space..."``."""
+    """The operating system's words for `err`: an OSError's strerror, or those of the OS
+    error a Rust library (safetensors) wraps, e.g. "... No space left on device (os error 28)"."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
+    code = re.search(r"\(os error (\d+)\)", str(err))
+    if code:
+        return os.strerror(int(code.group(1)))
     found = re.search(r'message: "([^"]+)"', str(err))
     return found.group(1) if found else (str(err).splitlines() or [type(err).__name__])[0]
 

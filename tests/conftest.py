@@ -84,7 +84,7 @@ class FullDisk:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        return subprocess.run([sys.executable, "-m", "infmoe.cli", *argv], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "infmoe", *argv], capture_output=True, text=True,
                               preexec_fn=apply_limit, env=env, timeout=300, **kwargs)
 
     def close(self) -> None:

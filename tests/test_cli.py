@@ -57,6 +57,20 @@ def test_argparse_mistakes_are_one_line_and_exit_2(capsys):
 def test_override_values_are_typed():
     assert parse_overrides(["--d_z", "32", "--capacity-factor=null", "--gate", "softmax", "--kl_weight", "1e-3"]) == {
         "d_z": 32, "capacity_factor": None, "gate": "softmax", "kl_weight": 1e-3}
+    assert parse_overrides(["--name", "nan", "--other", "inf"]) == {"name": "nan", "other": "inf"}  # words, not floats
+
+
+def test_text_settings_stay_as_written(tmp_path, monkeypatch, capsys):
+    from infmoe.cli import TEXT_SETTINGS
+    from infmoe.training import resolve
+
+    assert {"out_dir", "data", "init_from", "cache_dir", "config"} <= TEXT_SETTINGS
+    assert parse_overrides(["--out_dir", "nan", "--data", "1e3"], text=TEXT_SETTINGS) == {"out_dir": "nan", "data": "1e3"}
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out_dir", "2024", "--data", "missing.txt"]) == 2  # a folder named 2024, a missing file
+    assert "missing.txt" in capsys.readouterr().err
+    with pytest.raises(Exception, match="out_dir=2024 is invalid: must be text"):
+        resolve({"out_dir": 2024})  # as an experiment spec's unquoted YAML would give it
 
 
 def test_console_script_is_installed():

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from infmoe.errors import ConfigError, choose, positive_int, real
+from infmoe.errors import ConfigError, choose, invalid, positive_int, real
 from infmoe.layers import ffn_option_names
 from infmoe.models import GPTConfig, get_config
 
@@ -55,6 +55,10 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        for name in self.text_fields():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise invalid(name, value, "must be text (a path or a name); quote it in YAML")
         for name in ("tokenizer_vocab", "batch_size", "grad_accum", "max_steps", "eval_interval",
                      "eval_tokens", "log_interval", "save_interval"):
             positive_int(name, getattr(self, name))
@@ -77,6 +81,11 @@ class TrainConfig:
     @classmethod
     def fields(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def text_fields(cls) -> set[str]:
+        """Settings that hold text (paths, names): read from the command line as written."""
+        return {f.name for f in dataclasses.fields(cls) if f.type in ("str", "str | None")}
 
 
 def partition_settings(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
