@@ -26,11 +26,16 @@ from torch import nn
 
 from infmoe.errors import choose, divisor, invalid, positive_int, real
 from infmoe.layers.base import FFNAux, FFNLayer, count_kept, gelu, init_normal_, routing_linear
+from infmoe.layers.full_width import full_width_ffn, gate_scores
 from infmoe.layers.grouped import grouped_ffn
+from infmoe.layers.rows import rows_ffn
 
 MODES = ("sample", "mean")
 GATES = ("sigmoid", "softmax", "constant")
-IMPLS = ("auto", "sparse", "masked")
+IMPLS = ("auto", "full", "sparse", "rows", "masked")
+# Without gradients "auto" reads rows for one token, and for more when tokens × union
+# fraction is at most this; beyond it one pass over every row (the full path) is cheaper.
+ROWS_LIMIT = 0.8
 
 
 class Selection(NamedTuple):
@@ -64,8 +69,12 @@ class InfiniteMoE(FFNLayer):
             gradient reaches the router through the output).
         sigma_min: floor added to σ = softplus(·) so sampling never collapses to a point.
         kl_weight: weight of KL(p(z|x) || N(0, I)) (mean over tokens) in ``aux.loss``.
-        impl: "sparse" computes only the selected blocks, "masked" the whole FFN then the
-            mask (the reference; same result). "auto" picks per call, see `uses_sparse`.
+        impl: how the FFN is computed; every choice gives the same y (tests hold each to
+            "masked"). "full": every unit, then the gates, routing fused in (for small
+            blocks: `infmoe.layers.full_width`). "sparse": only the chosen blocks, as grouped
+            matmuls (`infmoe.layers.grouped`). "rows": inference only, reads just the chosen
+            rows (decoding: `infmoe.layers.rows`). "masked": the plain-autograd reference.
+            "auto" picks per call, see `plan`.
     """
 
     def __init__(
@@ -138,6 +147,20 @@ class InfiniteMoE(FFNLayer):
         mu, pre_sigma = routing_linear(x, self.router).chunk(2, dim=-1)
         return mu, F.softplus(pre_sigma) + self.sigma_min
 
+    def sample_z(self, x: torch.Tensor, noise: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, d) → z (K, T, d_z), μ, σ (T, d_z): K samples z = μ + σ ε (ε standard normal,
+        or `noise` (K, T, d_z)), or z = μ in mode "mean"; in at least fp32, autocast off."""
+        with torch.autocast(x.device.type, enabled=False):
+            mu, sigma = self.router_distribution(x)
+            if self.mode == "mean":
+                if noise is not None:
+                    raise invalid("noise", "tensor", 'mode="mean" draws no noise; pass None')
+                return mu.unsqueeze(0), mu, sigma
+            if noise is None:
+                noise = torch.randn((self.n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+            return mu + sigma * noise.to(mu.dtype), mu, sigma
+
     def select(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> Selection:
         """The blocks each of K samples z ~ p(z | x) keeps, and their gates. x (T, d).
 
@@ -146,16 +169,8 @@ class InfiniteMoE(FFNLayer):
         near-equal scores at the top-N boundary tie or swap, and the kept blocks would
         change with the precision setting.
         """
+        z, mu, sigma = self.sample_z(x, noise)
         with torch.autocast(x.device.type, enabled=False):
-            mu, sigma = self.router_distribution(x)
-            if self.mode == "mean":
-                if noise is not None:
-                    raise invalid("noise", "tensor", 'mode="mean" draws no noise; pass None')
-                z = mu.unsqueeze(0)
-            else:
-                if noise is None:
-                    noise = torch.randn((self.n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
-                z = mu + sigma * noise.to(mu.dtype)
             top_score, index = routing_linear(z, self.score).topk(self.n_kept, dim=-1, sorted=False)
             if self.gate == "sigmoid":
                 gate = torch.sigmoid(top_score)
@@ -164,6 +179,17 @@ class InfiniteMoE(FFNLayer):
             else:
                 gate = torch.ones_like(top_score)
         return Selection(index, gate / z.shape[0], mu, sigma)
+
+    @torch.no_grad()
+    def threshold_masks(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (K, T, d_z) → (m̄, chosen), each (T, n_blocks): `mean_mask` and `union` (as
+        float 0/1) by the score threshold of `infmoe.layers.full_width` instead of indices:
+        the same blocks, for the inference paths (no gradient)."""
+        k, t, _ = z.shape
+        with torch.autocast(z.device.type, enabled=False):
+            gates, keep = gate_scores(z, self.score.weight.to(z.dtype), self.score.bias.to(z.dtype), self.n_kept,
+                                      sigmoid=self.gate == "sigmoid")
+        return gates.view(k, t, -1).mean(0), keep.view(k, t, -1).amax(0)
 
     def mean_mask(self, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """index, gate (K, T, n_kept) → m̄ (T, n_blocks): the K gated masks summed (gates
@@ -201,17 +227,14 @@ class InfiniteMoE(FFNLayer):
         y = grouped_ffn(x, token, counts, gate, w_in, self.b_in.view(self.n_blocks, b), w_out)
         return y + self.b_out
 
-    def uses_sparse(self, n_samples: int | None = None) -> bool:
-        """Whether a call with K = n_samples (default: the current K, or 1 in mode "mean")
-        takes the sparse path. "auto" takes it when its modelled cost relative to the masked
-        path, u · (0.65 + 40 / B), is at most 1: u is `union_fraction_bound` (the fraction
-        of blocks a token computes) and 40 / B the per-block overhead of gathering rows and
-        scattering results, which grows as blocks shrink. At N = 50% that means: B >= 128
-        for any K; B = 64 for K <= 2; B = 32 for K = 1; B <= 16 never.
+    def sparse_pays(self, n_samples: int) -> bool:
+        """Whether, in training, the sparse path costs less than the full one at K samples.
 
-        The model fits these fwd+bwd times, sparse / masked, measured on 2 CPU threads,
-        fp32, d = 768, H = 6144, N = 50%, 2048 tokens (`benchmarks/run.py --grid`;
-        the union fractions were 0.50, 0.70, 0.85, 0.94; noise on that machine ~±10%):
+        Sparse computes u · H units (u: `union_fraction_bound`) but gathers each token's row
+        once per block and scatters its result back, an overhead that grows as blocks shrink;
+        the full path computes all of H as a dense MLP would. Modelled as sparse / full =
+        u · (0.65 + 40 / B), chosen when at most 1, from these fwd+bwd times measured on 2 CPU
+        threads, fp32, d = 768, H = 6144, N = 50%, 2048 tokens (`infmoe bench --grid`):
 
             B      K=1    K=2    K=4    K=8
             32     1.02   1.24   1.28   1.56
@@ -220,11 +243,24 @@ class InfiniteMoE(FFNLayer):
             256    0.41   0.59   0.73   0.74
             512    0.36   0.53   0.62   0.73
         """
+        return self.union_fraction_bound(n_samples) * (0.65 + 40 / self.block_size) <= 1
+
+    def plan(self, tokens: int, n_samples: int, grad: bool) -> str:
+        """The impl a call takes: the fixed `impl`, or under "auto" "rows" for inference on
+        one token or on few (tokens × u <= `ROWS_LIMIT`), else "sparse" where `sparse_pays`,
+        else "full"."""
         if self.impl != "auto":
-            return self.impl == "sparse"
+            return self.impl
+        if not grad and (tokens == 1 or tokens * self.union_fraction_bound(n_samples) <= ROWS_LIMIT):
+            return "rows"
+        return "sparse" if self.sparse_pays(n_samples) else "full"
+
+    def uses_sparse(self, n_samples: int | None = None) -> bool:
+        """Whether training at K = n_samples (default: the current K, or 1 in mode "mean")
+        takes the sparse path."""
         if n_samples is None:
             n_samples = 1 if self.mode == "mean" else self.n_samples
-        return self.union_fraction_bound(n_samples) * (0.65 + 40 / self.block_size) <= 1
+        return self.plan(tokens=2**31, n_samples=n_samples, grad=True) == "sparse"
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., d_model) → (..., d_model). noise (K, ..., d_z) fixes the draws ε."""
@@ -232,13 +268,31 @@ class InfiniteMoE(FFNLayer):
         x2 = x.reshape(-1, self.d_model)
         if noise is not None:
             noise = noise.reshape(noise.shape[0], -1, self.d_z)
-        index, gate, mu, sigma = self.select(x2, noise)
-        mask, chosen = self.mean_mask(index, gate), self.union(index)
-        if self.uses_sparse(index.shape[0]):
-            y = self.sparse_ffn(x2, mask, chosen)
-        else:
-            y = self.masked_ffn(x2, mask)
-        self.aux = self._report(chosen, mu, sigma)
+        k = 1 if self.mode == "mean" else (noise.shape[0] if noise is not None else self.n_samples)
+        grad = torch.is_grad_enabled() and (x2.requires_grad or self.w_in.requires_grad)
+        impl = self.plan(x2.shape[0], k, grad)
+        if impl == "rows" and grad:
+            raise invalid("impl", impl, "reads rows without gradients (inference only); use 'auto' to train")
+        if impl in ("full", "rows") and self.gate != "softmax":  # selected by a threshold
+            z, mu, sigma = self.sample_z(x2, noise)
+            if impl == "full":
+                y, usage = full_width_ffn(x2, z, self.score, self.w_in, self.b_in, self.w_out, self.b_out,
+                                          self.n_kept, sigmoid=self.gate == "sigmoid")
+            else:
+                mask, chosen = self.threshold_masks(z)
+                y = rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
+                usage = chosen.mean(0)
+        else:  # selected by `select`'s indices; the softmax gate always takes this way
+            index, gate, mu, sigma = self.select(x2, noise)
+            mask, chosen = self.mean_mask(index, gate), self.union(index)
+            if impl == "sparse":
+                y = self.sparse_ffn(x2, mask, chosen)
+            elif impl == "rows":
+                y = rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
+            else:
+                y = self.masked_ffn(x2, mask)
+            usage = chosen.float().mean(0)
+        self.aux = self._report(usage, mu, sigma)
         return y.reshape(*lead, self.d_model)
 
     def union(self, index: torch.Tensor) -> torch.Tensor:
@@ -247,10 +301,11 @@ class InfiniteMoE(FFNLayer):
         chosen = torch.zeros(t, self.n_blocks, dtype=torch.bool, device=index.device)
         return chosen.scatter_(1, index.transpose(0, 1).reshape(t, k * n), True)
 
-    def _report(self, chosen: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> FFNAux:
+    def _report(self, usage: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> FFNAux:
+        """usage (n_blocks,): the share of tokens whose union of masks holds each block."""
         kl = 0.5 * (sigma.square() + mu.square() - 1 - 2 * sigma.log()).sum(-1).mean()
         with torch.no_grad():
-            usage = chosen.float().mean(0)
+            usage = usage.float()
             stats = {
                 "sigma_mean": sigma.detach().mean(),
                 "kl": kl.detach(),

@@ -11,44 +11,7 @@ import torch
 from infmoe import ConfigError, InfiniteMoE, TopKMoE
 from infmoe.layers import grouped
 from infmoe.layers.grouped import GroupedFFN, grouped_mm_loop, grouped_mm, plan_chunks
-
-D, DZ, T = 16, 4, 37  # T prime: per-block token counts divide into nothing convenient
-TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
-
-
-def run(layer: torch.nn.Module, impl: str, x: torch.Tensor, dy: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
-    """Output, input gradient and parameter gradients of one forward+backward with `impl`."""
-    layer.impl = impl
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_()
-    y = layer(x, **kw)
-    y.backward(dy)
-    grads = {f"grad {n}": p.grad for n, p in layer.named_parameters() if p.grad is not None}
-    return {"y": y.detach(), "grad x": x.grad} | grads
-
-
-def assert_same(fast: dict, ref: dict, tol: float) -> None:
-    assert fast.keys() == ref.keys()
-    for key, expected in ref.items():
-        torch.testing.assert_close(fast[key], expected, rtol=tol, atol=tol, msg=key)
-
-
-def infmoe(dtype, **kw) -> InfiniteMoE:
-    torch.manual_seed(0)
-    layer = InfiniteMoE(D, kw.pop("d_hidden", 48), d_z=DZ, **kw).to(dtype)
-    layer.reset_parameters(std=0.3)  # O(1) activations, so the tolerances mean something
-    return layer
-
-
-def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(t, D, generator=g, dtype=dtype)
-    dy = torch.randn(t, D, generator=g, dtype=dtype)
-    noise = torch.randn(k, t, DZ, generator=g, dtype=dtype)
-    if repeat_noise:  # the first half of the tokens draw the same z K times: nothing new
-        noise[:, : t // 2] = noise[:1, : t // 2]
-    return x, dy, noise
-
+from paths import D, DZ, TOL, assert_same, infmoe, inputs, run
 
 @pytest.fixture(params=[None, 1, 40 * D * 4], ids=["default-chunks", "chunk-per-block", "few-blocks-per-chunk"])
 def chunking(request, monkeypatch):

@@ -131,15 +131,17 @@ def test_bad_config_fields_raise_one_clear_error(fields, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("ffn", ["dense", "moe", "infmoe"])
-def test_kv_cache_gives_the_same_logits_as_the_full_pass(ffn):
+@pytest.mark.parametrize("ffn,b", [("dense", 3), ("moe", 3), ("infmoe", 3), ("infmoe", 1)])
+def test_kv_cache_gives_the_same_logits_as_the_full_pass(ffn, b):
+    """With one sequence, ∞-MoE decodes each token on the row-reading path; the full pass
+    runs the full-width one."""
     from infmoe import KVCache
 
     model = tiny(ffn).eval()
-    idx = batch(t=12)
+    idx = batch(b=b, t=12)
     with sampling(model, mode="mean"), torch.no_grad():
         full = model(idx).logits
-        cache = KVCache(model.config, batch_size=3)
+        cache = KVCache(model.config, batch_size=b)
         pieces = [model(idx[:, :5], cache=cache).logits]  # prefill, then one token at a time
         pieces += [model(idx[:, i : i + 1], cache=cache).logits for i in range(5, 9)]
         pieces.append(model(idx[:, 9:], cache=cache).logits)  # a chunk after cached tokens

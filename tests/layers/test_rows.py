@@ -1,0 +1,43 @@
+"""The decoding path (`infmoe.layers.rows`) equals the masked reference, and is refused
+where gradients are needed."""
+
+import pytest
+import torch
+
+from infmoe import ConfigError
+from infmoe.layers import rows
+from paths import D, TOL, infmoe, inputs
+
+
+def forward(layer, impl, x, **kw):
+    layer.impl = impl
+    with torch.no_grad():
+        return layer(x, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rows_equal_masked(dtype, gate, k, block_size, tokens, monkeypatch):
+    monkeypatch.setattr(rows, "ROW_CHUNK", 5)  # several chunks per token, the last one short
+    layer = infmoe(dtype, block_size=block_size, gate=gate)
+    x, _, noise = inputs(dtype, k, t=tokens)
+    ref = forward(layer, "masked", x, noise=noise)
+    stats = dict(layer.aux.stats)
+    fast = forward(layer, "rows", x, noise=noise)
+    torch.testing.assert_close(fast, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(layer.aux.stats["block_usage"], stats["block_usage"])
+
+
+def test_rows_in_mean_mode_with_leading_shapes():
+    layer = infmoe(torch.float64, block_size=1, mode="mean")
+    x = torch.randn(1, 1, D, dtype=torch.float64)
+    torch.testing.assert_close(forward(layer, "rows", x), forward(layer, "masked", x), rtol=1e-10, atol=1e-10)
+
+
+def test_rows_refuse_to_train():
+    layer = infmoe(torch.float32, block_size=1, impl="rows")
+    with pytest.raises(ConfigError, match="inference only"):
+        layer(torch.randn(1, D))
