@@ -187,6 +187,7 @@ def methods_in_source(cls: type) -> set[str]:
     names = set()
     for name, value in vars(cls).items():
         functions = [value.fget, value.fset] if isinstance(value, property) else [getattr(value, "__func__", value)]
+        functions = [inspect.unwrap(f) if callable(f) else f for f in functions]  # through @torch.no_grad()
         if any(inspect.isfunction(f) and f.__code__.co_filename == inspect.getsourcefile(cls) for f in functions):
             names.add(name)
     return names

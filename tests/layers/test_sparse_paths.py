@@ -64,10 +64,11 @@ def test_infmoe_auto_rule():
     def auto(block_size, **kw):
         return infmoe(torch.float32, d_hidden=1024, block_size=block_size, **kw).uses_sparse()
 
-    assert [auto(64, n_samples=k) for k in (1, 2, 4, 8)] == [True, True, False, False]
-    assert [auto(128, n_samples=k) for k in (1, 2, 4, 8)] == [True] * 4
-    assert [auto(b) for b in (1, 8, 16, 32)] == [False, False, False, True]
-    assert not auto(32, n_samples=2) and auto(32, n_samples=2, active_fraction=0.25)
+    # sparse / full = u (1.05 + 37 / B) <= 1, u = 1 - (1 - N)^K
+    assert [auto(64, n_samples=k) for k in (1, 2, 4, 8)] == [True, False, False, False]
+    assert [auto(512, n_samples=k) for k in (1, 2, 4, 8)] == [True, True, False, False]
+    assert [auto(b) for b in (1, 8, 16, 32, 64)] == [False, False, False, False, True]
+    assert not auto(32) and auto(32, active_fraction=0.25)  # u = 0.25: 0.25 (1.05 + 1.16) <= 1
     assert auto(64, n_samples=8, mode="mean")  # one mask whatever K is
     assert auto(16, impl="sparse") and not auto(256, impl="masked")
 
