@@ -1,8 +1,8 @@
 """The benchmark of `infmoe bench`, runnable from a checkout: the same code, the same flags.
 
-    python benchmarks/run.py                      # layer and model tables (several minutes)
+    python benchmarks/run.py                      # every table and the targets (many minutes)
     python benchmarks/run.py --quick              # seconds
-    python benchmarks/run.py --grid               # sparse / masked over block size and K
+    python benchmarks/run.py --grid               # sparse / full over block size and K
     python benchmarks/run.py --json docs/bench.json --markdown docs/bench.md
 """
 

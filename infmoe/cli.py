@@ -202,22 +202,29 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         print(bench.markdown(result), end="")
         bench.save(result, None, args.markdown)
         return
+    positive_int("--repeats", args.repeats)
+    for path in (args.json, args.markdown):
+        if path:
+            check_writable_file(path)  # before minutes of timing, not after
     device = pick_device(args.device)
     if args.grid:
         print(bench.sparse_grid(bench.SHAPES["quick" if args.quick else "gpt2-small"], args.repeats,
                                 precision=args.precision), end="")
         return
-    if args.quick:
+    if args.quick:  # one-token decoding and a few generated tokens: seconds, for CI
         shapes, models, repeats = ["quick"], [("tiny", 2, 64)], min(args.repeats, 3)
+        decode_tokens, new_tokens = (1,), 8
     else:
         shapes, repeats = args.shapes.split(","), args.repeats
         models = [(m, *MODEL_BATCH[m]) for m in args.models.split(",") if m]
+        decode_tokens, new_tokens = bench.DECODE_TOKENS, None
     for name in shapes:
         choose("--shapes", name, bench.SHAPES)
     for name, *_ in models:
         choose("--models", name, MODEL_BATCH)
     result = bench.run(shapes, repeats=repeats, memory=not args.no_memory, models=models, device=device,
-                       peak=not args.quick, precision=args.precision)
+                       peak=not args.quick, precision=args.precision, decode_tokens=decode_tokens,
+                       new_tokens=new_tokens)
     print(bench.markdown(result), end="")
     bench.save(result, args.json, args.markdown)
 
@@ -386,19 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_zeroshot, overrides=False)
 
     p = sub.add_parser("bench", help="time the FFN variants and whole models, as ratios in one process",
-                       description="Forward and forward+backward time, memory and GFLOP/s of dense, top-k MoE "
-                                   "and ∞-MoE (masked and sparse, K = 1, 2, 4, 8) layers as ratios to the dense "
-                                   "MLP of equal active width, and whole-model training tokens/s.")
+                       description="Training (fwd+bwd time, memory, GFLOP/s) and decoding (no grad, "
+                                   "weights read from memory) of dense, top-k MoE, ∞-MoE and HF Mixtral "
+                                   "layers as ratios to dense MLPs of the active and the full width; "
+                                   "whole-model training and generation tokens/s; the speed targets, met or not.")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (seconds; CI)")
     p.add_argument("--shapes", default="tiny,gpt2-small", help="layer shapes: tiny, gpt2-small")
-    p.add_argument("--models", default="tiny,gpt2-small", help="model sizes for training tokens/s ('' for none)")
+    p.add_argument("--models", default="tiny,gpt2-small",
+                   help="model sizes for training and generation tokens/s ('' for none)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="as in training: auto = bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--no-memory", "--no_memory", action="store_true", help="skip the memory columns")
-    p.add_argument("--grid", action="store_true", help="sparse / masked time over block size and K instead")
+    p.add_argument("--grid", action="store_true", help="sparse / full fwd+bwd time over B and K instead")
     p.add_argument("--render", default=None, metavar="JSON", help="re-render the tables of a saved --json result")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", default=None, help="write the tables as markdown here")

@@ -1,13 +1,20 @@
+import contextlib
+import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from infmoe import bench
-from infmoe.bench import BASELINE, SHAPES, Shape, build_layers, fixed_noise, layer_variants, markdown
+from infmoe.bench import (BASELINE, CACHE_FACTOR, FULL, SHAPES, TARGETS, MixtralPeer, Shape, build_layers,
+                          decode_variants, fixed_noise, generation_variants, layer_variants, markdown, targets)
 from infmoe.cli import main
-from infmoe.layers import InfiniteMoE
-from infmoe.models import build_model
+from infmoe.layers import InfiniteMoE, build_ffn
+from infmoe.models import build_model, get_config
+
+SMALL_MODEL = dict(n_layer=1, d_model=32, n_head=2, vocab_size=256)
+needs_transformers = pytest.mark.skipif(bench._mixtral() is None, reason="transformers does not import")
 
 
 def union_from_selection(layer: InfiniteMoE, x: torch.Tensor) -> float:
@@ -18,59 +25,295 @@ def union_from_selection(layer: InfiniteMoE, x: torch.Tensor) -> float:
     return sum(sizes) / (len(sizes) * layer.n_blocks)
 
 
-def test_quick_bench_reports_every_variant_as_ratios(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out), "--markdown", str(tmp_path / "bench.md")]) == 0
-    result = json.loads(out.read_text())
+def by(rows: list[dict], *keys: str) -> dict:
+    return {tuple(r[k] for k in keys): r for r in rows}
+
+
+@contextlib.contextmanager
+def bench_output():
+    """stdout captured, and torch's thread count restored after `--threads`: one thread,
+    since small ops on two threads wait on each other for milliseconds when another
+    process holds a core (these runs check what is recorded, not how fast it is)."""
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            yield out
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `infmoe bench --quick` run: (result, markdown file, stdout)."""
+    folder = tmp_path_factory.mktemp("bench")
+    with bench_output() as out:
+        assert main(["bench", "--quick", "--threads", "1", "--json", str(folder / "b.json"),
+                     "--markdown", str(folder / "b.md")]) == 0
+    return json.loads((folder / "b.json").read_text()), (folder / "b.md").read_text(), out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The full run's code path (both named shapes, gpt2-small models, T = 1, 16, 128) at
+    small sizes: the shapes, models, generated tokens and the cache budget shrunk."""
+    folder = tmp_path_factory.mktemp("bench_full")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench.SHAPES, "tiny", Shape("tiny", 32, 768, 64, 64, 8))
+        mp.setitem(bench.SHAPES, "gpt2-small", Shape("gpt2-small", 32, 768, 64, 1, 8))
+        mp.setattr(bench, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
+        mp.setitem(bench.GENERATE_TOKENS, "gpt2-small", 4)
+        mp.setattr(bench, "l3_cache_bytes", lambda: 64 * 1024)
+        with bench_output():
+            assert main(["bench", "--shapes", "tiny,gpt2-small", "--models", "gpt2-small", "--repeats", "1",
+                         "--threads", "1", "--no-memory", "--json", str(folder / "b.json"),
+                         "--markdown", str(folder / "b.md")]) == 0
+    return json.loads((folder / "b.json").read_text()), folder
+
+
+def test_training_rows_are_ratios_of_their_own_times_to_both_dense_mlps(quick):
+    result, _, _ = quick
     rows = result["layers"]
     assert [r["variant"] for r in rows] == list(layer_variants(SHAPES["quick"]))
-    base = next(r for r in rows if r["variant"] == BASELINE)
+    base, full = rows[0], rows[1]
+    assert (base["variant"], full["variant"]) == (BASELINE, FULL)
     # No order between fwd and fwd+bwd times is asserted: forwards and backwards are timed
     # apart, and on a shared machine three quick repeats of one can run at a quarter speed.
     for row in rows:
         assert row["fwd_bwd_ms"] > 0 and row["fwd_ms"] > 0
         assert row["vs_dense"] == pytest.approx(row["fwd_bwd_ms"] / base["fwd_bwd_ms"], rel=1e-9)
-        assert 0 < row["gflops"] and row["saved_mb"] >= 0
-    # The unions are measured: the same layers' selections (same seed, same noise) give them.
+        assert row["vs_full"] == pytest.approx(row["fwd_bwd_ms"] / full["fwd_bwd_ms"], rel=1e-9)
+        assert 0 < row["gflops"] and row["saved_mb"] >= 0 and row["peak_mb"] is None  # peak: not in --quick
+
+
+def test_training_rows_record_the_layers_own_path_union_and_flops(quick):
+    result, _, _ = quick
     layers, x = build_layers(SHAPES["quick"], torch.device("cpu"))
-    for row in rows:
+    paths = set()
+    for row in result["layers"]:
         layer = layers[row["variant"]]
         if isinstance(layer, InfiniteMoE):
+            assert row["path"] == layer.plan(x.shape[0], layer.n_samples, grad=True), row["variant"]
+            # The unions are measured: the same layers' selections (same seed, same noise) give them.
             assert row["union"] == pytest.approx(union_from_selection(layer, x), abs=1e-6), row["variant"]
+            paths.add(row["path"])
         else:
-            assert row["union"] is None
+            assert row["path"] is None and row["union"] is None
         # GFLOP/s from the layer's own FLOP count at the measured union; backward = 2 x forward
         flops = 3 * x.shape[0] * layer.flops_per_token(getattr(layer, "n_samples", 1), union=row["union"])
         assert row["gflops"] == pytest.approx(flops / row["fwd_bwd_ms"] / 1e6, rel=1e-9), row["variant"]
-    unions = [r["union"] for r in rows if "sparse" in r["variant"]]
-    assert unions == sorted(unions) and unions[0] < unions[-1] <= 1  # K = 1, 2, 4, 8
-    # No --precision on the CPU: fp32, as training's "auto" there.
-    assert result["machine"]["precision"] == "auto" and result["machine"]["dtype"] == "float32"
-    assert {r["dtype"] for r in rows + result["models"]} == {"float32"}
+    assert "masked" in paths and len(paths) >= 2  # the reference row and at least one fast path
+
+
+@needs_transformers
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_mixtral_peer_has_the_total_and_active_parameters_of_the_infmoe_ffn(shape):
+    s = SHAPES[shape]
+    peer, ours = MixtralPeer(s.d_model, s.d_hidden, "eager"), InfiniteMoE(s.d_model, s.d_hidden, d_z=s.d_z)
+    experts = sum(p.numel() for p in peer.block.experts.parameters())
+    ffn = ours.w_in.numel() + ours.w_out.numel()
+    assert experts == pytest.approx(ffn, rel=0.01)
+    active = peer.active_parameters() - peer.block.gate.weight.numel()
+    assert active == pytest.approx(ours.active_fraction * experts, rel=1e-9)
+    assert peer.block.top_k == 4 and peer.block.experts.num_experts == 8
+
+
+@needs_transformers
+@pytest.mark.parametrize("implementation", bench.PEER_IMPLEMENTATIONS)
+def test_mixtral_peer_flop_count_is_what_its_matmuls_do(implementation):
+    torch.manual_seed(0)
+    peer = MixtralPeer(32, 768, implementation)
+    x = torch.randn(64, 32)
+    with bench._MatmulFlops() as seen:
+        y = peer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().sum() > 0  # its parameters were set
+    assert 2 * sum(seen.by_dtype.values()) == 64 * peer.flops_per_token()
+
+
+@needs_transformers
+def test_quick_bench_has_the_peer_rows(quick):
+    result, md, _ = quick
+    peers = [r for r in result["layers"] if r["variant"].startswith("HF Mixtral")]
+    assert [r["variant"] for r in peers] == [bench.peer_label(i) for i in bench.PEER_IMPLEMENTATIONS]
+    assert result["machine"]["transformers"] and "does not import" not in md
+
+
+def test_without_transformers_the_layer_table_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(bench, "_mixtral", lambda: None)
+    assert not any(name.startswith("HF") for name in layer_variants(SHAPES["quick"]))
+    machine = dict(device="cpu", gpu=None, processor="x86_64", threads=2, torch="2.13", transformers=None)
+    row = dict(shape="quick", variant=BASELINE, union=None, fwd_ms=1.0, fwd_bwd_ms=3.0, vs_dense=1.0, gflops=1.0,
+               matmul_limit_gflops=2.0)
+    md = markdown(dict(machine=machine, repeats=1, layers=[row], models=[]))
+    assert len([line for line in md.splitlines() if "transformers" in line]) == 1
+    machine["transformers"] = "5.0"  # the peers measured: no such line, the version in the header
+    assert [i for i, line in enumerate(markdown(dict(machine=machine, repeats=1, layers=[row], models=[]))
+                                       .splitlines()) if "transformers" in line] == [0]
+
+
+def test_decode_rows_read_weights_from_memory_and_are_ratios(quick):
+    result, _, _ = quick
+    rows = result["decode"]
+    assert [(r["tokens"], r["variant"]) for r in rows] == [(1, name) for name in decode_variants(SHAPES["quick"])]
+    budget = CACHE_FACTOR * bench.l3_cache_bytes()
+    torch.manual_seed(0)
+    fresh = {name: build() for name, build in decode_variants(SHAPES["quick"]).items()}
+    base, full = rows[0], rows[1]
+    for row in rows:
+        assert row["ms"] > 0 and row["calls"] >= 30
+        assert row["vs_dense"] == pytest.approx(row["ms"] / base["ms"], rel=1e-9)
+        assert row["vs_full"] == pytest.approx(row["ms"] / full["ms"], rel=1e-9)
+        layer = fresh[row["variant"]]
+        assert row["copy_bytes"] == 4 * sum(p.numel() for p in layer.parameters())
+        # the fewest copies whose weights exceed the cache budget
+        assert row["budget_bytes"] == budget and budget <= row["copies"] * row["copy_bytes"]
+        assert (row["copies"] - 1) * row["copy_bytes"] < budget
+        if isinstance(layer, InfiniteMoE):
+            k = 1 if layer.mode == "mean" else layer.n_samples
+            assert row["path"] == layer.plan(1, k, grad=False), row["variant"]
+        else:
+            assert row["path"] is None
+    unions = [by(rows, "variant")[(bench.infmoe_label(64, k),)]["union"] for k in (1, 4, 16)]
+    assert unions == sorted(unions) and unions[0] == pytest.approx(0.5)
+
+
+def test_l3_size_is_read_from_sysfs_or_assumed(tmp_path):
+    size = tmp_path / "size"
+    for text, expected in (("1024K\n", 2**20), ("3M", 3 * 2**20), ("4096", 4096)):
+        size.write_text(text)
+        assert bench.l3_cache_bytes(str(size)) == expected
+    assert bench.l3_cache_bytes(str(tmp_path / "absent")) == bench.DEFAULT_L3
+
+
+def test_weight_copies_are_equal_layers_with_memory_of_their_own():
+    torch.manual_seed(0)
+    layer = InfiniteMoE(16, 64, d_z=4, block_size=8, n_samples=2)
+    copies = bench.weight_copies(layer, 3)
+    x = torch.randn(5, 16)
+    noise = torch.randn(2, 5, 4)
+    spans = []
+    for c in copies:
+        assert c is not layer and type(c) is InfiniteMoE and c.n_samples == 2
+        for (name, p), q in zip(layer.named_parameters(), c.parameters()):
+            assert torch.equal(p, q) and q.requires_grad, name
+            spans.append((q.data_ptr(), q.data_ptr() + q.numel() * q.element_size()))
+        assert torch.equal(c(x, noise=noise), layer(x, noise=noise))
+    spans += [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in layer.parameters()]
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no two share a byte
+    with torch.no_grad():
+        copies[0].w_in.add_(1)
+    assert torch.equal(copies[1].w_in, layer.w_in)
+
+
+def test_cycling_runs_each_step_in_turn():
+    calls = []
+    step = bench.cycling([lambda i=i: calls.append(i) for i in range(3)])
+    for _ in range(7):
+        step()
+    assert calls == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_generation_rows_are_tokens_per_second_over_dense(quick):
+    result, _, _ = quick
+    rows = result["generation"]
+    assert [r["variant"] for r in rows] == list(generation_variants("tiny"))
+    dense = rows[0]
+    for row in rows:
+        assert row["new_tokens"] == 8 and row["tokens_per_s"] > 0
+        assert row["vs_dense"] == pytest.approx(row["tokens_per_s"] / dense["tokens_per_s"], rel=1e-9)
+        assert row["ms_per_token"] * row["tokens_per_s"] == pytest.approx(1e3, rel=1e-9)
     assert [r["config"] for r in result["models"]] == ["tiny-dense", "tiny-moe", "tiny-infmoe"]
-    md = (tmp_path / "bench.md").read_text()
-    assert md == markdown(result) and ", fp32;" in md.splitlines()[0]
-    assert "| tiny-infmoe |" in capsys.readouterr().out
+
+
+def test_quick_result_renders_to_the_markdown_it_wrote(quick, tmp_path):
+    result, md, stdout = quick
+    assert md == markdown(result) == stdout
+    # no --precision on the CPU: fp32, as training's "auto" there
+    assert result["machine"]["precision"] == "auto" and result["machine"]["dtype"] == "float32"
+    assert ", fp32;" in md.splitlines()[0]
+    # no target's rows are measured at the quick shape: none is shown, none faked
+    assert targets(result) == [] and "| what |" not in md
+
+
+def test_full_run_has_every_table_and_every_target(full):
+    result, folder = full
+    assert {r["shape"] for r in result["layers"]} == {"tiny", "gpt2-small"}
+    assert sorted({(r["shape"], r["tokens"]) for r in result["decode"]}) == [
+        (s, t) for s in ("gpt2-small", "tiny") for t in bench.DECODE_TOKENS]
+    assert "gpt2-small-infmoe --block_size 256" in [r["config"] for r in result["models"]]
+    assert [c["what"] for c in targets(result)] == [t.what for t in TARGETS]
+    md = (folder / "b.md").read_text()
+    assert md == markdown(result)
+    with bench_output() as out:
+        assert main(["bench", "--render", str(folder / "b.json"), "--markdown", str(folder / "again.md")]) == 0
+    assert out.getvalue() == md == (folder / "again.md").read_text()
+
+
+def test_targets_are_measured_from_their_rows_and_met_when_within(full):
+    result, _ = full
+    checks = {c["what"]: c for c in targets(result)}
+    for c in checks.values():
+        assert c["met"] == {"<=": c["measured"] <= c["limit"], "<": c["measured"] < c["limit"],
+                            ">=": c["measured"] >= c["limit"]}[c["op"]]
+    train = by(result["layers"], "shape", "variant")
+    decode = by(result["decode"], "shape", "tokens", "variant")
+    generate = {r["variant"]: r["tokens_per_s"] for r in result["generation"]}
+    configured = train["gpt2-small", "∞-MoE B=1 K=1 (as configured)"]["fwd_bwd_ms"]
+    assert checks["training gpt2-small: ∞-MoE as configured / dense full H"]["measured"] == pytest.approx(
+        configured / train["gpt2-small", FULL]["fwd_bwd_ms"])
+    peers = [train["gpt2-small", bench.peer_label(i)]["fwd_bwd_ms"] for i in bench.PEER_IMPLEMENTATIONS]
+    assert checks["training gpt2-small: ∞-MoE B=256 K=1 / the faster HF Mixtral peer"]["measured"] == pytest.approx(
+        train["gpt2-small", "∞-MoE B=256 K=1"]["fwd_bwd_ms"] / min(peers))
+    assert checks["decoding gpt2-small T=1: ∞-MoE B=64 mean / B=64 K=1"]["measured"] == pytest.approx(
+        decode["gpt2-small", 1, "∞-MoE B=64 mean"]["ms"] / decode["gpt2-small", 1, "∞-MoE B=64 K=1"]["ms"])
+    k1, k4, k16 = (generate[f"gpt2-small-infmoe K={k}"] for k in (1, 4, 16))
+    falls = checks["model: gpt2-small-infmoe generate tokens/s falls with K (least of K=1/K=4, K=4/K=16)"]
+    assert falls["measured"] == pytest.approx(min(k1 / k4, k4 / k16)) and falls["met"] == (k1 >= k4 >= k16)
+
+
+def test_a_target_follows_its_rows(full):
+    result, _ = full
+    what = "training tiny: ∞-MoE as configured / dense active"
+    for scale, met in ((0.1, True), (10.0, False)):
+        doctored = json.loads(json.dumps(result))
+        rows = by(doctored["layers"], "shape", "variant")
+        base = rows["tiny", BASELINE]["fwd_bwd_ms"]
+        rows["tiny", "∞-MoE B=64 K=1 (as configured)"]["fwd_bwd_ms"] = scale * base
+        check = next(c for c in targets(doctored) if c["what"] == what)
+        assert check["measured"] == pytest.approx(scale) and check["met"] is met
+    del doctored["generation"][0]  # the dense generation row
+    left = [c["what"] for c in targets(doctored)]
+    assert len(left) == len(TARGETS) - 1 and "model: gpt2-small-infmoe generate tokens/s at K=1 / dense" not in left
+
+
+def test_the_named_shapes_are_what_the_configs_build():
+    for name in ("tiny", "gpt2-small"):
+        config = get_config(f"{name}-infmoe")
+        layer = build_ffn(config.ffn, config.d_model, config.ffn_hidden, config.ffn_options)
+        shape = SHAPES[name]
+        assert (shape.d_model, shape.d_hidden, shape.block_size, shape.d_z) == (
+            layer.d_model, layer.d_hidden, layer.block_size, layer.d_z)
 
 
 def test_bench_precision_bf16_computes_and_says_bf16(tmp_path, monkeypatch):
     # smaller than --quick's own sizes, to keep the test fast; the code paths are the same
-    monkeypatch.setitem(bench.SHAPES, "quick", Shape("quick", 32, 256, 64, 32, 8))
-    small = dict(n_layer=1, d_model=64, n_head=2, vocab_size=256)
-    monkeypatch.setattr(bench, "build_model", lambda **kwargs: build_model(**kwargs, **small))
+    monkeypatch.setitem(bench.SHAPES, "quick", Shape("quick", 32, 768, 64, 64, 8))
+    monkeypatch.setattr(bench, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
+    monkeypatch.setattr(bench, "l3_cache_bytes", lambda: 64 * 1024)
     out = tmp_path / "bench.json"
-    threads = torch.get_num_threads()
-    try:  # one thread: tiny bf16 matmuls on two busy cores wait on each other for milliseconds
+    with bench_output():
         assert main(["bench", "--quick", "--precision", "bf16", "--repeats", "1", "--no-memory",
                      "--threads", "1", "--device", "cpu", "--json", str(out)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     assert result["machine"]["precision"] == "bf16"
-    # measured below autocast: the dtype the matmuls of each layer and model really got
-    assert {r["dtype"] for r in result["layers"] + result["models"]} == {"bfloat16"}
-    assert result["machine"]["dtype"] == "bfloat16"
-    assert ", bf16 autocast;" in markdown(result).splitlines()[0]
+    # measured below autocast: the dtype the matmuls of each of our layers and models really got
+    ours = [r for r in result["layers"] if not r["variant"].startswith("HF")]
+    assert {r["dtype"] for r in ours + result["models"]} == {"bfloat16"}
+    # decoding as `infmoe generate` does it: in the weights' dtype, no autocast
+    assert {r["dtype"] for r in result["decode"] + result["generation"]} == {"float32"}
+    ran = sorted({r["dtype"] for section in ("layers", "decode", "models", "generation") for r in result[section]})
+    assert result["machine"]["dtype"] == (ran[0] if len(ran) == 1 else "mixed: " + ", ".join(ran))
+    assert f", {bench.dtype_label(result['machine'])};" in markdown(result).splitlines()[0]
 
 
 def test_bench_layer_step_runs_the_forward_under_the_autocast_given():
@@ -89,7 +332,50 @@ def test_rendering_a_result_saved_before_dtypes_were_recorded_says_fp32():
     assert ", fp32;" in markdown(dict(machine=machine, repeats=1, layers=[], models=[])).splitlines()[0]
 
 
-def test_bad_shape_is_one_line(capsys):
-    assert main(["bench", "--shapes", "huge"]) == 2
+def test_a_result_saved_before_decoding_and_generation_renders_what_it_has():
+    # the shape of docs/bench.json before those tables existed: no path, vs_full, decode, generation
+    layer = dict(shape="gpt2-small", variant=BASELINE, union=None, fwd_ms=127.4, fwd_bwd_ms=342.8, vs_dense=1.0,
+                 gflops=169.0, matmul_limit_gflops=185.0, saved_mb=48.0, peak_mb=92.0)
+    models = [dict(config=f"gpt2-small-{ffn}", tokens_per_s=tps, vs_dense=tps / 182, step_ms=1024e3 / tps)
+              for ffn, tps in (("dense", 182), ("infmoe", 93))]
+    machine = dict(torch="2.13.0+cpu", threads=2, device="cpu", processor="x86_64", cpus=2, gpu=None)
+    old = dict(machine=machine, repeats=7, layers=[layer], models=models)
+    md = markdown(old)
+    (line,) = [line for line in md.splitlines() if BASELINE in line]
+    assert "127.4" in line and "342.8" in line
+    assert all(f"| {r['config']} |" in md for r in models)
+    assert "Decoding" not in md and "generation" not in md and "transformers" not in md
+    (check,) = targets(old)  # the one target whose rows it has
+    assert all(term[0] == "model" for term in next(t for t in TARGETS if t.what == check["what"]).terms)
+    assert check["measured"] == pytest.approx(93 / 182) and check["met"] is False
+
+
+def test_the_committed_bench_json_renders():
+    result = json.loads((Path(__file__).parents[1] / "docs" / "bench.json").read_text())
+    md = markdown(result)
+    assert all(f"| {r['variant']} |" in md for r in result["layers"] + result.get("decode", []))
+    assert all(f"| {r['config']} |" in md for r in result["models"])
+
+
+def test_grid_compares_sparse_and_full_at_each_block_size_and_k(monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "quick", Shape("quick", 32, 768, 64, 64, 8))
+    with bench_output() as out:
+        assert main(["bench", "--grid", "--quick", "--repeats", "1", "--threads", "1"]) == 0
+    lines = out.getvalue().splitlines()
+    assert "fp32" in lines[0]
+    assert lines[2] == "| B | " + " | ".join(f"K={k}" for k in bench.GRID_SAMPLES) + " |"
+    rows = [line.split(" | ") for line in lines[4:]]
+    assert [int(r[0].strip("| ")) for r in rows] == [b for b in bench.GRID_BLOCKS if 768 % b == 0]
+    assert all(float(cell.strip(" |")) > 0 for r in rows for cell in r[1:])
+
+
+def test_peak_of_runs_in_a_fresh_process():
+    assert bench.peak_rss_rise(SHAPES["quick"], BASELINE, 1) > 0
+
+
+@pytest.mark.parametrize("argv, expected", [(["--shapes", "huge"], "--shapes='huge'"),
+                                            (["--repeats", "0"], "--repeats=0")])
+def test_bad_input_is_one_line(capsys, argv, expected):
+    assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
-    assert "--shapes='huge'" in err and err.count("\n") == 1
+    assert expected in err and err.count("\n") == 1

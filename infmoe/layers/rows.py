@@ -40,7 +40,14 @@ def rows_ffn(x: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor, w_in: to
              w_out: torch.Tensor, b_out: torch.Tensor) -> torch.Tensor:
     """y (T, d) for x (T, d): mask (T, n_blocks) the summed gates m̄, chosen (T, n_blocks)
     their union (bool, or float 0/1); w_in, w_out (H, d), b_in (H,), b_out (d,). Equal to
-    `InfiniteMoE.masked_ffn` (tests/layers/test_rows.py); meant for a few tokens."""
+    `InfiniteMoE.masked_ffn` (tests/layers/test_rows.py); meant for a few tokens. Runs in
+    the weights' dtype whatever autocast says: casting the weights would read them twice."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _rows_ffn(x.to(w_in.dtype), mask, chosen, w_in, b_in, w_out, b_out)
+
+
+def _rows_ffn(x: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor,
+              w_out: torch.Tensor, b_out: torch.Tensor) -> torch.Tensor:
     n_hidden, n_blocks = w_in.shape[0], mask.shape[1]
     block = n_hidden // n_blocks
     pieces = max(1, torch.get_num_threads())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infmoe.layers.full_width import top_n_mask
-from paths import D, DZ, TOL, assert_same, infmoe, inputs, run
+from paths import D, TOL, assert_same, infmoe, inputs, run
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -37,6 +37,16 @@ def test_rows_in_mean_mode_with_leading_shapes():
     torch.testing.assert_close(forward(layer, "rows", x), forward(layer, "masked", x), rtol=1e-10, atol=1e-10)
 
 
+def test_rows_under_bf16_autocast_run_in_the_weights_dtype():
+    layer = infmoe(torch.float32, block_size=1)
+    x, _, noise = inputs(torch.float32, 2, t=1)
+    ref = forward(layer, "masked", x, noise=noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = forward(layer, "rows", x, noise=noise)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rows_refuse_to_train():
     layer = infmoe(torch.float32, block_size=1, impl="rows")
     with pytest.raises(ConfigError, match="inference only"):

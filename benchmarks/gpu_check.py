@@ -1,0 +1,920 @@
+"""The one prepared GPU check: everything this project wants to know from a GPU, in one command.
+
+    python benchmarks/gpu_check.py                     # on a CUDA machine: docs/gpu.md + docs/gpu.json
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # dry run, seconds, any machine
+    python benchmarks/gpu_check.py --only correctness,training --out /tmp/gpu-check   # rerun some stages
+
+Stages, each in a fresh process with its own time budget (seconds on one H100/H200):
+
+1. environment (30): torch, CUDA, GPU, memory, bf16, `torch._grouped_mm` (and whether it
+   runs in bf16 here), CPU threads, the project's dependencies.
+2. tests (60): ``python -m pytest -q -x -k cuda tests/layers``, the suite's CUDA cases.
+3. correctness (75): ∞-MoE's "full", "sparse" and "rows" paths against "masked" and top-k
+   MoE's grouped path against its loop, outputs and gradients, fp32 and bf16 autocast; and
+   whether routing under bf16 keeps exactly the fp32 blocks.
+4. bench (140): ``python -m infmoe.cli bench --device cuda --precision bf16`` at the
+   gpt2-small shape and models, its markdown embedded.
+5. training (90): 50 steps of gpt2-small dense, top-k MoE, ∞-MoE and ∞-MoE with B = 256 at
+   16 × 1024 tokens per step, steps 11-50 timed: tokens/s, MFU, peak memory.
+6. generation (55): greedy decoding of 256 tokens with the KV cache, dense against ∞-MoE at
+   K = 1, 4, 16 and mean mode.
+
+The budgets sum to 450 s, so the whole run stays under 8 minutes. A stage that raises,
+crashes or runs out of time is recorded as failed, with the error and the tail of its
+output, and the next stage runs; what a stage finished before it failed is kept. The report
+is rewritten after every stage (atomically), so even a run killed from outside leaves one.
+Exit status: 0 when every stage passed, 1 when one failed, 2 for bad input (including
+"no CUDA device here" without ``--device cpu``). docs/gpu_check.md says more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout's infmoe, installed or not
+
+from infmoe.io import write_text  # stdlib only: the parent does not import torch before it must
+
+TOTAL_BUDGET_S = 450.0
+# Dense bf16 tensor-core peaks in TFLOP/s (datasheet figures without sparsity), matched in
+# this order against the device name; GH200's name contains "H200" and its GPU is H100-class.
+PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0),
+                    ("A100", 312.0))
+DEPENDENCIES = ("numpy", "pyyaml", "safetensors", "tokenizers", "tiktoken", "rich", "tqdm", "pytest")
+TAIL_CHARS = 4000
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def run_command(cmd: list[str], timeout: float, own_group: bool = False) -> dict:
+    """Run cmd from the repository root with stdout and stderr merged; never longer than
+    `timeout`. own_group: the command gets a process group of its own, killed whole on
+    timeout (the stage processes, whose own commands then die with them)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", start_new_session=own_group)
+    def kill() -> None:
+        if own_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+
+    try:
+        out, timed_out = proc.communicate(timeout=max(0.1, timeout))[0], False
+    except subprocess.TimeoutExpired:
+        kill()
+        out, timed_out = proc.communicate()[0], True
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM): leave nothing running on the GPU
+        kill()
+        raise
+    return dict(rc=proc.returncode, seconds=time.perf_counter() - start, timed_out=timed_out,
+                tail=(out or "")[-TAIL_CHARS:])
+
+
+def stage_command(cmd: list[str], opts) -> dict:
+    """`run_command` for a stage's own command, in the stage's time less a few seconds to
+    report in."""
+    return run_command(cmd, opts.deadline - time.time() - 3)
+
+
+def check_time(done: dict, cmd: list[str]) -> None:
+    if done["timed_out"]:
+        raise TimeoutError(f"{shlex.join(cmd[1:])} ran out of the stage's time and was killed after "
+                           f"{done['seconds']:.1f} s")
+
+
+def describe(err: BaseException) -> dict:
+    """An exception as the report shows it: type, its first lines, where it was raised."""
+    lines = str(err).strip().splitlines() or [""]
+    return dict(type=type(err).__name__, message="\n".join(lines[:5])[:1000],
+                traceback="".join(traceback.format_exception(err)[-6:])[-TAIL_CHARS:])
+
+
+def parse_model(label: str) -> tuple[str, dict]:
+    """"gpt2-small-infmoe --block_size 256" → the config name and its overrides, read as
+    ``infmoe train`` reads them."""
+    from infmoe.cli import parse_overrides
+
+    name, *rest = shlex.split(label)
+    return name, parse_overrides(rest)
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_tflops(gpu: str | None) -> float | None:
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if gpu and key in gpu), None)
+
+
+def num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(cells) + " |" for cells in rows), ""]
+
+
+def failed_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("ok") is False]
+
+
+# --------------------------------------------------------------------------- 1. environment
+
+
+def environment(opts) -> Iterator[dict]:
+    import torch
+
+    device = torch.device(opts.device)
+    info: dict[str, object] = dict(python=platform.python_version(), torch=torch.__version__,
+                                   cuda=torch.version.cuda, cpu_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                                   grouped_mm=hasattr(torch, "_grouped_mm"))
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= dict(gpu=props.name, gpus=torch.cuda.device_count(), memory_gib=round(props.total_memory / 2**30, 1),
+                     capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                     bf16=torch.cuda.is_bf16_supported(), cudnn=torch.backends.cudnn.version(),
+                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                     float32_matmul_precision=torch.get_float32_matmul_precision())
+        smi = run_command(["nvidia-smi", "--query-gpu=driver_version,power.limit,clocks.max.sm",
+                           "--format=csv,noheader"], 10) if shutil.which("nvidia-smi") else None
+        info["nvidia_smi"] = smi["tail"].strip() if smi and smi["rc"] == 0 else "unavailable"
+    else:
+        info |= dict(gpu=None, processor=platform.processor() or platform.machine())
+    info["peak_bf16_tflops"] = peak_tflops(info.get("gpu"))
+    info["grouped_mm_bf16"] = _probe_grouped_mm(device) if info["grouped_mm"] else "absent"
+    for dist in DEPENDENCIES:
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = "missing"
+    for item, value in info.items():
+        yield dict(item=item, value=value)
+
+
+def _probe_grouped_mm(device) -> str:
+    """Whether `torch._grouped_mm` runs in bf16 on `device`, with the weights row-major and
+    column-major (kernels have required either; ∞-MoE's w_in is a column-major view), and
+    how far each lands from per-group fp32 products of the same bf16 inputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g).to(device, torch.bfloat16)
+    b = torch.randn(4, 32, 16, generator=g).to(device, torch.bfloat16)
+    offs = torch.tensor([16, 32, 48, 64], dtype=torch.int32, device=device)
+    want = torch.cat([a[16 * i: 16 * (i + 1)].float() @ b[i].float() for i in range(4)])
+    answers = []
+    for layout, weights in [("row-major", b), ("column-major", b.transpose(1, 2).contiguous().transpose(1, 2))]:
+        try:
+            got = torch._grouped_mm(a, weights, offs=offs).float()
+            answers.append(f"{layout}: runs, relative error {((got - want).norm() / want.norm()).item():.1e}")
+        except Exception as err:  # the answer is the point: which error this torch gives here
+            answers.append(f"{layout}: fails, {type(err).__name__}: {_one_line(str(err))}")
+    return "; ".join(answers)
+
+
+def environment_table(rows: list[dict]) -> list[str]:
+    return table(["item", "value"], [[r["item"], f"`{r['value']}`"] for r in rows])
+
+
+def environment_summary(rows: list[dict]) -> list[str]:
+    info = {r["item"]: r["value"] for r in rows}
+    where = f"{info['gpu']} ({info.get('memory_gib')} GiB, sm {info.get('capability')})" if info.get("gpu") else "CPU"
+    missing = [d for d in DEPENDENCIES if info.get(d) == "missing"]
+    return [f"environment: {where}, torch {info['torch']}, CUDA {info['cuda']}; torch._grouped_mm in bf16: "
+            f"{info.get('grouped_mm_bf16')}" + (f"; missing packages: {', '.join(missing)}" if missing else "")]
+
+
+# --------------------------------------------------------------------------- 2. tests
+
+TESTS_COMMAND = ["-m", "pytest", "-q", "-x", "-k", "cuda", "tests/layers", "-p", "no:cacheprovider"]
+
+
+def tests(opts) -> Iterator[dict]:
+    cmd = [sys.executable, *TESTS_COMMAND]
+    done = stage_command(cmd, opts)
+    counts = dict.fromkeys(("passed", "failed", "skipped", "deselected", "errors"), 0)
+    for n, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)\b", done["tail"]):
+        counts["errors" if word.startswith("error") else word] = int(n)
+    # On a GPU a run where every CUDA case skipped has checked nothing.
+    ran = counts["passed"] > 0 or opts.device == "cpu"
+    yield dict(counts, rc=done["rc"], timed_out=done["timed_out"], seconds=done["seconds"], tail=done["tail"],
+               ok=done["rc"] == 0 and ran)
+    check_time(done, cmd)
+
+
+def tests_table(rows: list[dict]) -> list[str]:
+    r = rows[0]
+    lines = table(["passed", "failed", "skipped", "deselected", "errors", "exit status", "seconds"],
+                  [[str(r["passed"]), str(r["failed"]), str(r["skipped"]), str(r["deselected"]), str(r["errors"]),
+                    str(r["rc"]) + (" (timed out)" if r["timed_out"] else ""), f"{r['seconds']:.1f}"]])
+    return lines + ["Tail of the output:", "", "```", *r["tail"].strip().splitlines()[-25:], "```", ""]
+
+
+def tests_summary(rows: list[dict]) -> list[str]:
+    r = rows[0]
+    return [f"tests: {r['passed']} CUDA test(s) passed, {r['failed']} failed, {r['skipped']} skipped"]
+
+
+# --------------------------------------------------------------------------- 3. correctness
+
+# Normwise relative error ||fast - ref|| / ||ref|| allowed between two paths run in the same
+# precision. fp32: both compute the same sums in another order; with unit roundoff 6e-8 and
+# sums of up to H = 6144 terms, reordering moves a result by about sqrt(n) u = 5e-6, so 1e-4
+# leaves room yet fails TF32 (u = 5e-4) and any real difference. bf16 autocast: each path
+# rounds its matmul inputs to bf16 (u = 3.9e-3) at other places (the masked path its whole
+# gated hidden, the grouped one each block's), a few roundings of about u/2 each, normwise
+# 5e-3 to 1e-2 against fp32 (measured on the CPU for both paths); 3e-2 allows that, while a
+# missing or doubled block of the 12 kept at B = 256 changes y by about 1/12. The gradients
+# of the routing parameters (router.*, score.*) are sums over tokens of per-token gate
+# gradients that largely cancel (terms of +-20 summing to about 1 at the quick shape), which
+# multiplies bf16's per-term 5e-3 by the cancellation: 5e-2 was measured there for a correct
+# path, so 0.15, which still fails a wrong factor, sign or block (errors of order 1).
+TOLERANCE = {"fp32": dict(ffn=1e-4, routing=1e-4), "bf16": dict(ffn=3e-2, routing=0.15)}
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    d_model: int
+    d_hidden: int
+    d_z: int
+    tokens: int
+    moe_hidden: int
+
+
+CHECK_SHAPES = {"full": LayerShape(768, 6144, 48, 256, 6400), "quick": LayerShape(64, 512, 8, 32, 512)}
+
+
+def correctness(opts) -> Iterator[dict]:
+    import torch
+
+    from infmoe.device import autocast_for
+    from infmoe.layers import InfiniteMoE, TopKMoE
+
+    device, shape = torch.device(opts.device), CHECK_SHAPES["quick" if opts.quick else "full"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape.tokens, shape.d_model, generator=g).to(device)
+    dy = torch.randn(shape.tokens, shape.d_model, generator=g).to(device)
+    precisions = {p: autocast_for(p, device) for p in ("fp32", "bf16")}
+    for block in (1, 64, 256):
+        for k in (1, 4):
+            torch.manual_seed(0)
+            layer = _scaled(InfiniteMoE(shape.d_model, shape.d_hidden, d_z=shape.d_z, block_size=block, n_samples=k))
+            layer.to(device)
+            noise = torch.randn(k, shape.tokens, shape.d_z, generator=g).to(device)
+            case = dict(layer="∞-MoE", B=block, K=k)
+            for precision, autocast in precisions.items():
+                ref = _guarded(lambda: _paths(layer, "masked", x, dy, autocast, noise=noise))
+                for impl in ("full", "sparse", "rows"):
+                    yield case | dict(impl=impl, precision=precision) | _compare(
+                        ref, lambda: _paths(layer, impl, x, dy, autocast, noise=noise), TOLERANCE[precision])
+            yield case | dict(impl="select", precision="bf16 vs fp32") | _guarded(
+                lambda: _same_choice(lambda: layer.select(x, noise), precisions["bf16"]))
+            yield case | dict(impl="threshold", precision="bf16 vs fp32") | _guarded(
+                lambda: _same_choice(lambda: layer.threshold_masks(layer.sample_z(x, noise)[0]), precisions["bf16"]))
+    torch.manual_seed(0)
+    moe = _scaled(TopKMoE(shape.d_model, shape.moe_hidden, n_experts=8, top_k=4)).to(device)
+    case = dict(layer="top-k MoE 4 of 8", B=shape.moe_hidden // 8, K=None)
+    for precision, autocast in precisions.items():
+        ref = _guarded(lambda: _paths(moe, "loop", x, dy, autocast))
+        yield case | dict(impl="grouped", precision=precision) | _compare(
+            ref, lambda: _paths(moe, "grouped", x, dy, autocast), TOLERANCE[precision])
+    yield case | dict(impl="choose_experts", precision="bf16 vs fp32") | _guarded(
+        lambda: _same_choice(lambda: moe.choose_experts(x), precisions["bf16"]))
+
+
+def _scaled(layer):
+    """O(1) activations and non-zero biases, so relative errors mean something and a path
+    that drops a bias shows it."""
+    import torch
+
+    layer.reset_parameters(std=layer.d_model**-0.5)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.dim() == 1 or name.startswith("b_"):
+                p.normal_(0.0, 0.1)
+    return layer
+
+
+def _guarded(fn: Callable[[], dict]) -> dict:
+    """fn's result, or its exception as {"error": ..., "ok": False}."""
+    try:
+        return fn()
+    except Exception as err:  # recorded in the report; the other cases still run
+        return dict(error=describe(err), ok=False)
+
+
+def _paths(layer, impl: str, x, dy, autocast, **kwargs) -> dict:
+    """Output (and, except for the inference-only "rows", the gradients of x and every
+    parameter) of one call of `layer` with `impl`, as fp32 tensors."""
+    import torch
+
+    layer.impl = impl
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(impl != "rows")
+    with torch.set_grad_enabled(impl != "rows"), autocast():
+        y = layer(x, **kwargs)
+    if impl == "rows":
+        return {"y": y.float()}
+    y.backward(dy.to(y.dtype))
+    grads = {f"grad {n}": p.grad.float() for n, p in layer.named_parameters() if p.grad is not None}
+    return {"y": y.detach().float(), "grad x": x.grad.float()} | grads
+
+
+def _compare(ref: dict, fast: Callable[[], dict], tolerance: dict[str, float]) -> dict:
+    """The worst tensor of `fast` against `ref`, worst by its error over its tolerance."""
+    if "error" in ref:
+        return dict(error=ref["error"] | dict(message="reference: " + ref["error"]["message"]), ok=False)
+    got = _guarded(fast)
+    if "error" in got:
+        return got
+    errors, limits = {}, {}
+    for key, value in got.items():
+        want = ref[key]
+        errors[key] = ((value - want).norm() / want.norm().clamp_min(1e-30)).item(), (value - want).abs().max().item()
+        limits[key] = tolerance["routing" if "router" in key or "score" in key else "ffn"]
+    worst = max(errors, key=lambda key: errors[key][0] / limits[key])
+    return dict(rel=errors[worst][0], worst=worst, max_abs=max(e[1] for e in errors.values()),
+                tolerance=limits[worst], ok=errors[worst][0] <= limits[worst])
+
+
+def _same_choice(choose: Callable[[], tuple], bf16) -> dict:
+    """How many routing decisions (rows of the first tensor: kept blocks or experts of a
+    token and sample) bf16 autocast changes, the rest of the tuple (gates) compared too."""
+    import torch
+
+    fp32 = choose()
+    with bf16():
+        low = choose()
+    first, second = (_as_sets(v) for v in (fp32, low))
+    rows = first[0].reshape(-1, first[0].shape[-1])
+    differ = (rows != second[0].reshape(rows.shape)).any(-1)
+    for a, b in zip(first[1:], second[1:]):
+        differ |= (a.reshape(len(rows), -1) != b.reshape(len(rows), -1)).any(-1)
+    return dict(differing=int(differ.sum()), of=len(rows), dtypes=sorted({str(t.dtype) for t in low
+                                                                           if torch.is_tensor(t)}),
+                ok=not bool(differ.any()))
+
+
+def _as_sets(choice) -> list:
+    """A selection's integer index tensor sorted within each row (top-k without sorting may
+    list the same set in another order), its float companions reordered alike."""
+    import torch
+
+    tensors = [t for t in choice if torch.is_tensor(t)]
+    index = next((t for t in tensors if not t.is_floating_point()), None)
+    if index is None:  # threshold masks: (mean mask, union), already one column per block
+        return tensors
+    order = index.argsort(-1)
+    return [index.gather(-1, order)] + [t.gather(-1, order) for t in tensors
+                                        if t.is_floating_point() and t.shape == index.shape]
+
+
+def correctness_table(rows: list[dict]) -> list[str]:
+    cells = []
+    for r in rows:
+        if "error" in r:
+            result = [f"{r['error']['type']}: {_one_line(r['error']['message'])}", "-", "-"]
+        elif "differing" in r:
+            result = [f"{r['differing']} of {r['of']} choices differ", "-", "0"]
+        else:
+            result = [f"{r['rel']:.2e} ({r['worst']})", f"{r['max_abs']:.2e}", f"{r['tolerance']:g}"]
+        cells.append([r["layer"], str(r["B"]), num(r["K"], "d"), r["impl"], r["precision"], *result,
+                      "yes" if r["ok"] else "**no**"])
+    return table(["layer", "B", "K", "path", "precision", "relative error (worst tensor) / routing", "max abs error",
+                  "tolerance", "ok"], cells)
+
+
+def correctness_summary(rows: list[dict]) -> list[str]:
+    paths = [r for r in rows if "rel" in r]
+    routing = [r for r in rows if "differing" in r]
+    lines = [f"correctness: {len(rows) - len(failed_rows(rows))} of {len(rows)} checks passed"]
+    for precision in TOLERANCE:
+        worst = max((r for r in paths if r["precision"] == precision), key=lambda r: r["rel"] / r["tolerance"],
+                    default=None)
+        if worst:
+            lines.append(f"correctness: closest to its {precision} tolerance: {_label(worst)}, {worst['worst']} "
+                         f"{worst['rel']:.2e} of {worst['tolerance']:g}")
+    if routing:
+        changed = sum(r["differing"] for r in routing)
+        lines.append(f"correctness: bf16 autocast changed {changed} of {sum(r['of'] for r in routing)} routing choices")
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return text.splitlines()[0].replace("|", "\\|")[:200] if text else ""
+
+
+# --------------------------------------------------------------------------- 4. bench
+
+
+def bench_command(opts, json_path: str = "bench-gpu.json", markdown_path: str = "bench-gpu.md") -> list[str]:
+    if opts.quick:  # the smallest run the bench's command line allows
+        sizes = ["--shapes", "quick", "--models", "", "--repeats", "1", "--no-memory"]
+    else:
+        sizes = ["--shapes", "gpt2-small", "--models", "gpt2-small"]
+    return ["-m", "infmoe.cli", "bench", "--device", opts.device, "--precision", opts.precision, *sizes,
+            "--json", json_path, "--markdown", markdown_path]
+
+
+def bench(opts) -> Iterator[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [str(Path(tmp) / "bench.json"), str(Path(tmp) / "bench.md")]
+        cmd = [sys.executable, *bench_command(opts, *paths)]
+        done = stage_command(cmd, opts)
+        files = [Path(p).read_text() if Path(p).exists() else None for p in paths]
+    yield dict(rc=done["rc"], timed_out=done["timed_out"], seconds=done["seconds"], tail=done["tail"],
+               result=json.loads(files[0]) if files[0] else None, markdown=files[1], ok=done["rc"] == 0)
+    check_time(done, cmd)
+
+
+def bench_table(rows: list[dict]) -> list[str]:
+    r = rows[0]
+    if r["markdown"]:
+        return [r["markdown"].strip(), ""]
+    return [f"No tables: exit status {r['rc']}{' (timed out)' if r['timed_out'] else ''}. Tail of the output:", "",
+            "```", *r["tail"].strip().splitlines()[-25:], "```", ""]
+
+
+def bench_summary(rows: list[dict]) -> list[str]:
+    md = rows[0]["markdown"] or ""
+    header = md.splitlines()[0] if md else "no output"
+    return [f"bench: {header}; targets met: {md.count('| yes |')}, missed: {md.count('| no |')}"]
+
+
+# --------------------------------------------------------------------------- 5. training
+
+
+def train_models(opts) -> list[str]:
+    if opts.train_configs:
+        return [label.strip() for label in opts.train_configs.split(",")]
+    size = "tiny" if opts.quick else "gpt2-small"
+    return [f"{size}-dense", f"{size}-moe", f"{size}-infmoe", f"{size}-infmoe --block_size 256"]
+
+
+# quick: tokens per step, steps, warm-up steps, and a model small enough for seconds on a CPU
+TRAIN = {"full": dict(tokens=16 * 1024, steps=50, warmup=10), "quick": dict(tokens=2 * 64, steps=4, warmup=1)}
+QUICK_MODEL = dict(n_layer=1, d_model=64, n_head=2, vocab_size=512, n_ctx=64)
+
+
+def training(opts) -> Iterator[dict]:
+    import torch
+
+    from infmoe.device import autocast_for, uses_bf16
+
+    device = torch.device(opts.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_tflops(gpu) if uses_bf16(opts.precision, device) else None
+    dense = None
+    for label in train_models(opts):
+        row = dict(config=label, precision="bf16 autocast" if uses_bf16(opts.precision, device) else "fp32")
+        try:
+            row |= _train(label, opts, device, autocast_for(opts.precision, device))
+        except Exception as err:  # recorded; the next config still runs
+            row |= dict(error=describe(err), ok=False)
+        if "tokens_per_s" in row:
+            dense = row["tokens_per_s"] if dense is None and "-dense" in label else dense
+            row["vs_dense"] = row["tokens_per_s"] / dense if dense else None
+            flops = row["tokens_per_s"] * 1e9
+            row["mfu"] = flops * row["gflops_per_token"] / (peak * 1e12) if peak else None
+            row["executed_of_peak"] = flops * row["executed_gflops_per_token"] / (peak * 1e12) if peak else None
+        row["peak_tflops"] = peak
+        yield row
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _train(label: str, opts, device, autocast) -> dict:
+    """Training throughput of one config; on running out of GPU memory the same tokens per
+    step again as more, smaller micro-batches (gradient accumulation)."""
+    import torch
+
+    from infmoe.models import build_model
+    from infmoe.params import model_flops_per_token
+    from infmoe.training.config import TrainConfig
+    from infmoe.training.optim import build_optimizer
+
+    name, overrides = parse_model(label)
+    plan = TRAIN["quick" if opts.quick else "full"]
+    torch.manual_seed(0)
+    model = build_model(name, **(QUICK_MODEL if opts.quick else {}), **overrides).to(device)
+    seq = min(model.config.n_ctx, 64 if opts.quick else 1024)
+    cfg = TrainConfig()
+    optimizer = build_optimizer(model, cfg)
+    k = max([getattr(f, "n_samples", 1) for f in model.ffn_layers()])
+    flops = {key: 3 * model_flops_per_token(model, k, executed=key == "executed") / 1e9 for key in ("model", "executed")}
+    sequences, oom = plan["tokens"] // seq, []
+    for accum in (1, 2, 4, 8):
+        try:
+            measured = _train_steps(model, optimizer, cfg, sequences // accum, accum, seq, plan, device, autocast)
+            break
+        except torch.cuda.OutOfMemoryError:
+            oom.append(sequences // accum)
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    else:
+        raise torch.cuda.OutOfMemoryError(f"out of memory even at micro-batch {oom[-1]} x {seq}")
+    return measured | dict(micro_batch=sequences // accum, grad_accum=accum, seq_len=seq, oom_at=oom,
+                           tokens_per_step=sequences * seq, gflops_per_token=flops["model"],
+                           executed_gflops_per_token=flops["executed"])
+
+
+def _train_steps(model, optimizer, cfg, micro: int, accum: int, seq: int, plan: dict, device, autocast) -> dict:
+    """The training loop's step (autocast forward, backward per micro-batch, clipping, AdamW)
+    on random tokens; the steps after the warm-up timed between synchronisations."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    g = torch.Generator(device).manual_seed(0)
+    vocab = model.config.vocab_size
+    losses = []
+    for step in range(plan["steps"]):
+        if step == plan["warmup"]:
+            synchronize(device)
+            start = time.perf_counter()
+        for _ in range(accum):
+            idx = torch.randint(0, vocab, (micro, seq + 1), device=device, generator=g)
+            with autocast():
+                loss = model(idx[:, :-1], idx[:, 1:]).loss
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step in (0, plan["steps"] - 1):
+            losses.append(loss.item())
+    synchronize(device)
+    timed = plan["steps"] - plan["warmup"]
+    seconds = (time.perf_counter() - start) / timed
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return dict(step_ms=1e3 * seconds, tokens_per_s=micro * accum * seq / seconds, timed_steps=timed,
+                peak_mem_gib=peak, loss_first=losses[0], loss_last=losses[-1], ok=all(map(math.isfinite, losses)))
+
+
+def training_table(rows: list[dict]) -> list[str]:
+    cells = []
+    for r in rows:
+        if "error" in r:
+            cells.append([r["config"], r["precision"], f"{r['error']['type']}: {_one_line(r['error']['message'])}",
+                          *["-"] * 8])
+            continue
+        cells.append([r["config"], r["precision"], f"{r['micro_batch']} x {r['seq_len']} x {r['grad_accum']}",
+                      f"{r['tokens_per_s']:.0f}", num(r["vs_dense"], ".2f"), f"{r['step_ms']:.1f}",
+                      f"{r['gflops_per_token']:.3g}", num(r["mfu"], ".1%"), num(r["executed_of_peak"], ".1%"),
+                      num(r["peak_mem_gib"], ".1f"), f"{r['loss_first']:.3f} → {r['loss_last']:.3f}"])
+    return table(["config", "precision", "batch x seq x accum", "tokens/s", "vs dense", "ms/step",
+                  "training GFLOP/token", "MFU", "executed FLOPs / peak", "peak GiB", "loss first → last"], cells)
+
+
+def training_summary(rows: list[dict]) -> list[str]:
+    done = [r for r in rows if "tokens_per_s" in r]
+    lines = [f"training: {r['config']} {r['tokens_per_s']:.0f} tokens/s ({num(r['vs_dense'], '.2f')} x dense"
+             + (f", MFU {r['mfu']:.1%})" if r["mfu"] is not None else ")") for r in done]
+    if done and done[0]["peak_tflops"] is None:
+        lines.append("training: MFU omitted: no bf16 peak is known for this device (or it ran without bf16)")
+    return lines
+
+
+# --------------------------------------------------------------------------- 6. generation
+
+GENERATE = {"full": dict(new_tokens=256, repeats=2), "quick": dict(new_tokens=16, repeats=1)}
+
+
+def generation(opts) -> Iterator[dict]:
+    import torch
+
+    from infmoe.generation import generate
+    from infmoe.layers import sampling
+    from infmoe.models import build_model
+
+    device, size = torch.device(opts.device), "tiny" if opts.quick else "gpt2-small"
+    plan = GENERATE["quick" if opts.quick else "full"]
+    settings = {f"{size}-dense": (f"{size}-dense", {})}
+    settings |= {f"{size}-infmoe K={k}": (f"{size}-infmoe", dict(n_samples=k)) for k in (1, 4, 16)}
+    settings[f"{size}-infmoe mean"] = (f"{size}-infmoe", dict(mode="mean"))
+    models, dense = {}, None
+    prompt = torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    for label, (name, knobs) in settings.items():
+        row = dict(setting=label, new_tokens=plan["new_tokens"])
+        try:
+            if name not in models:
+                torch.manual_seed(0)
+                models[name] = build_model(name, **(QUICK_MODEL if opts.quick else {})).to(device).eval()
+            with sampling(models[name], **knobs):
+                list(generate(models[name], prompt, max_new_tokens=4, temperature=0, seed=0))  # lazy inits
+                times = []
+                for _ in range(plan["repeats"]):
+                    start = time.perf_counter()
+                    out = list(generate(models[name], prompt, max_new_tokens=plan["new_tokens"], temperature=0, seed=0))
+                    times.append(time.perf_counter() - start)  # each token reached the host: synchronised
+                path = [f.plan(1, f.n_samples if f.mode == "sample" else 1, grad=False)
+                        for f in models[name].ffn_layers() if hasattr(f, "plan")]
+            row |= dict(seconds=min(times), tokens_per_s=len(out) / min(times), path=path[0] if path else "dense",
+                        dtype=str(next(models[name].parameters()).dtype).removeprefix("torch."),
+                        ok=len(out) == plan["new_tokens"])
+            dense = row["tokens_per_s"] if name.endswith("-dense") else dense
+            row["vs_dense"] = row["tokens_per_s"] / dense if dense else None
+        except Exception as err:  # recorded; the next setting still runs
+            row |= dict(error=describe(err), ok=False)
+        yield row
+
+
+def generation_table(rows: list[dict]) -> list[str]:
+    cells = []
+    for r in rows:
+        if "error" in r:
+            cells.append([r["setting"], f"{r['error']['type']}: {_one_line(r['error']['message'])}", *["-"] * 5])
+        else:
+            cells.append([r["setting"], r["path"], r["dtype"], str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}",
+                          f"{1e3 / r['tokens_per_s']:.2f}", num(r["vs_dense"], ".2f")])
+    return table(["setting", "FFN path", "weights", "new tokens", "tokens/s", "ms/token", "vs dense"], cells)
+
+
+def generation_summary(rows: list[dict]) -> list[str]:
+    return [f"generation: {r['setting']} {r['tokens_per_s']:.1f} tokens/s, {num(r['vs_dense'], '.2f')} x dense"
+            for r in rows if "tokens_per_s" in r]
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    budget: float
+    run: Callable[[argparse.Namespace], Iterator[dict]]
+    table: Callable[[list[dict]], list[str]]
+    summary: Callable[[list[dict]], list[str]]
+    command: Callable[[argparse.Namespace], str] | None = None  # a command of its own, else --only NAME
+
+
+STAGES = {s.name: s for s in [
+    Stage("environment", "Environment", 30, environment, environment_table, environment_summary),
+    Stage("tests", "The test suite's CUDA tests", 60, tests, tests_table, tests_summary,
+          lambda opts: shlex.join(["python", *TESTS_COMMAND[:-2]])),
+    Stage("correctness", "Correctness: fast paths against their references", 75, correctness, correctness_table,
+          correctness_summary),
+    Stage("bench", "infmoe bench", 140, bench, bench_table, bench_summary,
+          lambda opts: shlex.join(["python", *bench_command(opts)])),
+    Stage("training", "Training throughput", 90, training, training_table, training_summary),
+    Stage("generation", "Generation with the KV cache", 55, generation, generation_table, generation_summary),
+]}
+
+
+def reproduce(stage: Stage, opts) -> str:
+    if stage.command:
+        return stage.command(opts)
+    flags = ["--only", stage.name, "--device", opts.device, "--precision", opts.precision, "--out", "/tmp/gpu-check"]
+    flags += ["--quick"] * opts.quick
+    if stage.name == "training" and opts.train_configs:
+        flags += ["--train-configs", opts.train_configs]
+    return shlex.join(["python", "benchmarks/gpu_check.py", *flags])
+
+
+def child(opts) -> int:
+    """Run one stage in this process, its rows saved after each one (so a stage killed for
+    time keeps what it finished); its own exception goes into the result."""
+    result: dict = dict(rows=[])
+    try:
+        for row in STAGES[opts.stage].run(opts):
+            result["rows"].append(row)
+            write_text(opts.result, json.dumps(result, default=str))
+    except Exception as err:
+        result["error"] = describe(err)
+    write_text(opts.result, json.dumps(result, default=str))
+    return 1 if "error" in result else 0
+
+
+def _failure(kind: str, message: str) -> dict:
+    return dict(type=kind, message=message, traceback="")
+
+
+def pending(stage: Stage, opts) -> dict:
+    """A stage's entry in the report before it runs."""
+    return dict(name=stage.name, title=stage.title, status="not run", budget_s=opts.budgets.get(stage.name, stage.budget),
+                reproduce=reproduce(stage, opts), rows=[], seconds=0.0)
+
+
+def run_stage(stage: Stage, opts, argv: list[str], deadline: float) -> dict:
+    budget = min(opts.budgets.get(stage.name, stage.budget), deadline - time.time())
+    entry = pending(stage, opts) | dict(budget_s=round(budget, 1))
+    if budget < 1:
+        return entry | dict(status="failed", error=_failure("TimeoutError", "not run: the total budget is spent"))
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--stage", stage.name, "--result",
+               str(result_path), "--deadline", repr(time.time() + budget)]
+        done = run_command(cmd, budget, own_group=True)
+        result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    entry |= dict(rows=result.get("rows", []), seconds=round(done["seconds"], 1))
+    if done["timed_out"]:
+        error = _failure("TimeoutError", f"the stage ran out of its {budget:g} s budget and was killed")
+    elif "error" in result:
+        error = result["error"]
+    elif done["rc"] != 0 or not result:
+        error = _failure("Crash", f"the stage process exited with status {done['rc']}")
+    elif failed_rows(entry["rows"]) or not entry["rows"]:
+        n = len(failed_rows(entry["rows"]))
+        error = _failure("Results", f"{n} of {len(entry['rows'])} failed (see below)")
+    else:
+        return entry | dict(status="passed")
+    return entry | dict(status="failed", error=error, output_tail=done["tail"])
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def render(report: dict) -> str:
+    stages = report["stages"]
+    env = {r["item"]: r["value"] for s in stages if s["name"] == "environment" for r in s["rows"]}
+    found = (f"{env.get('gpu') or 'no GPU (CPU: ' + str(env.get('processor')) + ')'}, torch {env.get('torch')}, "
+             f"CUDA {env.get('cuda')}") if env else "an environment the environment stage did not report"
+    ran = [s for s in stages if s["status"] != "not run"]
+    passed = [s["name"] for s in ran if s["status"] == "passed"]
+    failed = [s["name"] for s in ran if s["status"] == "failed"]
+    lines = ["# GPU check", "", f"Written by `{report['command']}` (benchmarks/gpu_check.py; how to run it: "
+             "[gpu_check.md](gpu_check.md)), started {0} UTC on host `{1}`, device `{2}`{3}.".format(
+                 report["started"], report["host"], report["device"], ", quick sizes" if report["quick"] else ""),
+             "", f"Found: {found}.", "",
+             *(["A dry run on the CPU: it shows that the check runs and reports; its numbers say nothing about a GPU.",
+                ""] if report["device"] == "cpu" else []),
+             f"{len(passed)} of {len(stages)} stages passed" + (f"; failed: {', '.join(failed)}" if failed else "")
+             + f"; {sum(s['seconds'] for s in ran):.0f} s of the {report['budget_s']:.0f} s budget"
+             + ("" if report["finished"] else "; **still running or interrupted**") + ".", ""]
+    for i, s in enumerate(stages, 1):
+        lines += [f"## {i}. {s['title']}: {s['status']}", ""]
+        if s["status"] == "not run":
+            lines += ["Not run (yet).", ""]
+            continue
+        lines += [f"Reproduce: `{s['reproduce']}` ({s['seconds']:.1f} s of a {s['budget_s']:.0f} s budget)", ""]
+        if s.get("error"):
+            e = s["error"]
+            lines += [f"**Failed: {e['type']}: {_one_line(e['message'])}**", ""]
+            details = (e.get("traceback") or "").strip() or (s.get("output_tail") or "").strip()
+            if details:
+                lines += ["```", *details.splitlines()[-20:], "```", ""]
+        if s["rows"]:
+            lines += _guarded_render(STAGES[s["name"]].table, s["rows"])
+            lines += _row_errors(s["rows"])
+    lines += ["## What this shows / what failed", ""]
+    for s in ran:
+        if s["status"] == "passed":
+            lines += [f"- {line}" for line in _guarded_render(STAGES[s["name"]].summary, s["rows"])]
+    if not failed:
+        lines.append("- no stage failed")
+    for s in ran:
+        if s["status"] == "failed":
+            lines.append(f"- **{s['name']} failed**: {s['error']['type']}: {_one_line(s['error']['message'])}")
+            lines += [f"  - {_label(r)}: {r['error']['type']}: {_one_line(r['error']['message'])}"
+                      for r in s["rows"] if "error" in r][:8]
+    return "\n".join(lines) + "\n"
+
+
+def _guarded_render(render_rows: Callable[[list[dict]], list[str]], rows: list[dict]) -> list[str]:
+    """A stage's rows as its renderer writes them, or, if rendering breaks on rows a failure
+    left odd, the raw rows: the report must come out whatever happened."""
+    try:
+        return render_rows(rows)
+    except Exception as err:
+        return [f"(rendering failed: {type(err).__name__}: {err}; raw rows in gpu.json)", ""]
+
+
+def _row_errors(rows: list[dict]) -> list[str]:
+    """The tracebacks of the first three failed rows (gpu.json has them all)."""
+    lines = []
+    for r in [r for r in rows if r.get("error", {}).get("traceback")][:3]:
+        lines += [f"Traceback of {_label(r)}:", "", "```", *r["error"]["traceback"].strip().splitlines()[-12:],
+                  "```", ""]
+    return lines
+
+
+def _label(row: dict) -> str:
+    keys = ("config", "setting", "layer", "B", "K", "impl", "precision")
+    return " ".join(f"{k}={row[k]}" if k in ("B", "K") else str(row[k]) for k in keys if row.get(k) is not None)
+
+
+def write_report(report: dict, out: Path) -> None:
+    write_text(out / "gpu.json", json.dumps(report, indent=1, default=str) + "\n")
+    write_text(out / "gpu.md", render(report))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the running stage is killed, the report kept
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(2, f"gpu_check: error: {message} (see --help)\n")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a dry run)")
+    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 or fp32")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and models: seconds (the CPU dry run)")
+    p.add_argument("--out", default=str(ROOT / "docs"), help="folder for gpu.md and gpu.json (default: docs/)")
+    p.add_argument("--only", default=None, metavar="STAGE,...", help="run these stages: " + ", ".join(STAGES))
+    p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
+                   help="another time budget for a stage (repeatable)")
+    p.add_argument("--train-configs", default=None, metavar="'CONFIG [--key value],...'",
+                   help="the training stage's models instead of dense, moe, infmoe, infmoe --block_size 256")
+    for hidden in ("--stage", "--result", "--deadline"):  # how the parent starts a stage process
+        p.add_argument(hidden, default=None, help=argparse.SUPPRESS, type=float if hidden == "--deadline" else str)
+    opts = p.parse_args(argv)
+    if opts.device not in ("cuda", "cpu"):
+        p.error(f"--device {opts.device!r} is invalid: use cuda or cpu")
+    if opts.precision not in ("auto", "bf16", "fp32"):
+        p.error(f"--precision {opts.precision!r} is invalid: use auto, bf16 or fp32")
+    if opts.precision == "auto":  # what training's "auto" means, spelled out for every command shown
+        opts.precision = "bf16" if opts.device == "cuda" else "fp32"
+    opts.stages = opts.only.split(",") if opts.only else list(STAGES)
+    opts.budgets = {}
+    for item in opts.budget:
+        name, _, seconds = item.partition("=")
+        if name not in STAGES or not re.fullmatch(r"\d+(\.\d+)?", seconds):
+            p.error(f"--budget {item!r} is invalid: use STAGE=SECONDS with a stage of {', '.join(STAGES)}")
+        opts.budgets[name] = float(seconds)
+    for name in opts.stages:
+        if name not in STAGES:
+            p.error(f"--only: unknown stage {name!r}: choose from {', '.join(STAGES)}")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    opts = parse(argv)
+    if opts.stage:
+        return child(opts)
+    try:
+        import torch
+    except ImportError:
+        print("gpu_check: torch is not installed here: install torch (a CUDA build for the check) first")
+        return 2
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device is available here (torch {torch.__version__}, CUDA build "
+              f"{torch.version.cuda}); use --device cpu --quick for a dry run")
+        return 2
+    out = Path(opts.out)
+    gpus = torch.cuda.device_count() if opts.device == "cuda" else 0  # counts without creating a context
+    print(f"gpu_check: torch {torch.__version__}, CUDA build {torch.version.cuda}, {gpus} CUDA device(s), "
+          f"device {opts.device}; report in {out}", flush=True)
+    report = dict(command=shlex.join(["python", "benchmarks/gpu_check.py", *argv]), host=platform.node(),
+                  device=opts.device, quick=opts.quick, precision=opts.precision, budget_s=TOTAL_BUDGET_S,
+                  started=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"), finished=None,
+                  stages=[pending(STAGES[n], opts) for n in opts.stages])
+    deadline = time.time() + TOTAL_BUDGET_S
+    write_report(report, out)
+    signal.signal(signal.SIGTERM, _interrupted)
+    for i, name in enumerate(opts.stages):
+        try:
+            report["stages"][i] = entry = run_stage(STAGES[name], opts, argv, deadline)
+        except KeyboardInterrupt:
+            report["stages"][i] |= dict(status="failed", error=_failure("Interrupted", "stopped from outside"))
+            write_report(report, out)
+            print(f"gpu_check: interrupted in stage {name}; the report so far is in {out / 'gpu.md'}")
+            return 130
+        write_report(report, out)
+        error = f": {entry['error']['type']}: {_one_line(entry['error']['message'])}" if entry.get("error") else ""
+        print(f"[{i + 1}/{len(opts.stages)}] {name}: {entry['status']} in {entry['seconds']:.1f} s{error}", flush=True)
+        if name == "environment":
+            print("gpu_check: found " + "; ".join(_guarded_render(environment_summary, entry["rows"])), flush=True)
+    report["finished"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    write_report(report, out)
+    failed = [s["name"] for s in report["stages"] if s["status"] != "passed"]
+    print(f"gpu_check: wrote {out / 'gpu.md'} and {out / 'gpu.json'}; "
+          + (f"failed: {', '.join(failed)}" if failed else "every stage passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
