@@ -11,23 +11,33 @@ each block after its forward; nothing is global.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 
-@dataclass
 class FFNAux:
     """What one forward call of an FFN layer reports besides its output.
 
     loss:  scalar tensor to add to the objective (weights already applied), or None.
     stats: detached tensors for logging, e.g. ``sigma_mean`` (scalar) or
            ``block_usage`` (n_blocks,), the fraction of tokens that used each block.
+           Given as a dict, or as a function that makes one, called on first access: while
+           decoding nobody reads them, and a dozen small reductions per layer and token
+           would cost more than some of the FFN.
     """
 
-    loss: torch.Tensor | None = None
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, loss: torch.Tensor | None = None,
+                 stats: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+        self.loss = loss
+        self._stats = {} if stats is None else stats
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        if callable(self._stats):
+            self._stats = self._stats()
+        return self._stats
 
 
 class FFNLayer(nn.Module):

@@ -17,7 +17,7 @@ Two execution paths compute the same y (option ``impl``):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -189,6 +189,8 @@ class InfiniteMoE(FFNLayer):
         with torch.autocast(z.device.type, enabled=False):
             gates, keep = gate_scores(z, self.score.weight.to(z.dtype), self.score.bias.to(z.dtype), self.n_kept,
                                       sigmoid=self.gate == "sigmoid")
+        if k == 1:
+            return gates, keep
         return gates.view(k, t, -1).mean(0), keep.view(k, t, -1).amax(0)
 
     def mean_mask(self, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -283,7 +285,7 @@ class InfiniteMoE(FFNLayer):
             else:
                 mask, chosen = self.threshold_masks(z)
                 y = rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
-                usage = chosen.mean(0)
+                usage = lambda: chosen.mean(0)  # noqa: E731 - read lazily, with the other statistics
         else:  # selected by `select`'s indices; the softmax gate always takes this way
             index, gate, mu, sigma = self.select(x2, noise)
             mask, chosen = self.mean_mask(index, gate), self.union(index)
@@ -293,7 +295,7 @@ class InfiniteMoE(FFNLayer):
                 y = rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
             else:
                 y = self.masked_ffn(x2, mask)
-            usage = chosen.float().mean(0)
+            usage = lambda: chosen.float().mean(0)  # noqa: E731
         self.aux = self._report(usage, mu, sigma)
         return y.reshape(*lead, self.d_model)
 
@@ -303,19 +305,29 @@ class InfiniteMoE(FFNLayer):
         chosen = torch.zeros(t, self.n_blocks, dtype=torch.bool, device=index.device)
         return chosen.scatter_(1, index.transpose(0, 1).reshape(t, k * n), True)
 
-    def _report(self, usage: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> FFNAux:
-        """usage (n_blocks,): the share of tokens whose union of masks holds each block."""
-        kl = 0.5 * (sigma.square() + mu.square() - 1 - 2 * sigma.log()).sum(-1).mean()
-        with torch.no_grad():
-            usage = usage.float()
-            stats = {
-                "sigma_mean": sigma.detach().mean(),
-                "kl": kl.detach(),
-                "union_fraction": usage.mean(),  # blocks a token uses, over its K samples
-                "used_fraction": (usage > 0).float().mean(),  # blocks some token used
-                "block_usage": usage,
+    def _report(self, usage: torch.Tensor | Callable[[], torch.Tensor], mu: torch.Tensor,
+                sigma: torch.Tensor) -> FFNAux:
+        """usage (n_blocks,), or a function giving it: the share of tokens whose union of masks
+        holds each block. The KL is computed now where it is a loss term, the statistics
+        when first read."""
+        def kl_divergence() -> torch.Tensor:
+            return 0.5 * (sigma.square() + mu.square() - 1 - 2 * sigma.log()).sum(-1).mean()
+
+        loss = self.kl_weight * kl_divergence() if self.kl_weight > 0 else None
+        mu, sigma = mu.detach(), sigma.detach()
+
+        @torch.no_grad()
+        def stats() -> dict[str, torch.Tensor]:
+            used = (usage() if callable(usage) else usage).float()
+            return {
+                "sigma_mean": sigma.mean(),
+                "kl": kl_divergence(),
+                "union_fraction": used.mean(),  # blocks a token uses, over its K samples
+                "used_fraction": (used > 0).float().mean(),  # blocks some token used
+                "block_usage": used,
             }
-        return FFNAux(loss=self.kl_weight * kl if self.kl_weight > 0 else None, stats=stats)
+
+        return FFNAux(loss=loss, stats=stats)
 
     def union_fraction_bound(self, n_samples: int) -> float:
         """Upper bound on the expected fraction of blocks in the union of K masks.
