@@ -197,7 +197,7 @@ class GroupedFFN(torch.autograd.Function):
         for c in chunks:
             groups = slice(c.group_start, c.group_end)
             a = grouped_mm(x.index_select(0, c.token), w1[groups], c)  # (rows, B)
-            a += b1[groups].index_select(0, c.local_group)
+            a += _rows_of(b1, c)
             pre_activations.append(a)  # all backward keeps; GELU is cheap to redo
             h = gelu(a).mul_(gate[c.rows, None])
             # each token's rows add up: the sum over its blocks (or experts)
@@ -225,13 +225,15 @@ class GroupedFFN(torch.autograd.Function):
             h = gelu(a)
             dy_rows = dy.index_select(0, c.token)
             dgated = grouped_mm(dy_rows, w2[groups].transpose(1, 2), c)  # d(g · h), (rows, B)
-            if need_w2:
-                dw2.add(h * g, dy_rows, c)
             if need_gate:  # the router's gradient: ∂y/∂g = h @ w2, so dg = <d(g · h), h>
                 dgate[c.rows] = (dgated * h).sum(1)
+            if need_w2:
+                dw2.add(h.mul_(g), dy_rows, c)
             del dy_rows, h  # free before the next (rows, d) temporaries
             da = torch.ops.aten.gelu_backward(dgated.mul_(g), a, approximate="tanh")
-            if need_b1:
+            if need_b1 and c.group_end - c.group_start == 1:  # the common CPU chunk: one block
+                db1[c.group_start] += da.sum(0, dtype=accumulate)
+            elif need_b1:
                 db1[groups].index_add_(0, c.local_group, da.to(accumulate))
             if need_w1:
                 dw1.add(x.index_select(0, c.token), da, c)
@@ -242,6 +244,14 @@ class GroupedFFN(torch.autograd.Function):
         dw1 = dw1.result() if need_w1 else None
         dw2 = dw2.result() if need_w2 else None
         return dx, dgate, dw1, db1, dw2, None
+
+
+def _rows_of(b1: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """b1's row of each of the chunk's rows, (rows, B) or, for a chunk of one group, (B,),
+    which broadcasts without being expanded in memory."""
+    if chunk.group_end - chunk.group_start == 1:
+        return b1[chunk.group_start]
+    return b1[chunk.group_start : chunk.group_end].index_select(0, chunk.local_group)
 
 
 def grouped_ffn(

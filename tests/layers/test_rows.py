@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from infmoe import ConfigError
-from infmoe.layers import rows
 from paths import D, TOL, infmoe, inputs
 
 
@@ -20,8 +19,7 @@ def forward(layer, impl, x, **kw):
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_rows_equal_masked(dtype, gate, k, block_size, tokens, monkeypatch):
-    monkeypatch.setattr(rows, "ROW_CHUNK", 5)  # several chunks per token, the last one short
+def test_rows_equal_masked(dtype, gate, k, block_size, tokens):
     layer = infmoe(dtype, block_size=block_size, gate=gate)
     x, _, noise = inputs(dtype, k, t=tokens)
     ref = forward(layer, "masked", x, noise=noise)
