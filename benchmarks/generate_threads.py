@@ -1,37 +1,64 @@
-"""Greedy generation time with 1 and 2 CPU threads, alternated, median of 5: the data
-behind `infmoe generate --threads`'s default.
+"""Greedy generation speed with 1 and 2 CPU threads: the data behind `infmoe generate
+--threads`'s default, and what that default costs each model against the first one named.
 
-    python benchmarks/generate_threads.py tiny-infmoe 100
-    python benchmarks/generate_threads.py gpt2-small-dense 30
+    python benchmarks/generate_threads.py TOKENS NAME [NAME ...] [--samples K]
+    python benchmarks/generate_threads.py 128 gpt2-small-dense gpt2-small-infmoe
 
+Every (model, threads) pair runs once per repeat, in an order rotated from repeat to repeat;
+median of 5. Random weights, a 3-token prompt, the KV cache, as `infmoe generate` decodes.
 Run it once on an idle machine and once with another process busy on one core
 (`python -c "while True: pass" &`): decoding feeds one token per step, so a second thread
 has little to share and, when the other core is taken, waits for it.
 """
 
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 
 from infmoe.generation import generate
+from infmoe.layers import InfiniteMoE
 from infmoe.models import build_model
 
+THREADS = (1, 2)
 
-def main(name: str, new_tokens: int) -> None:
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tokens", type=int)
+    parser.add_argument("names", nargs="+")
+    parser.add_argument("--samples", type=int, default=1, help="∞-MoE samples K (default 1)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model(name, vocab_size=4096 if name.startswith("tiny") else 50257).eval()
-    times: dict[int, list[float]] = {1: [], 2: []}
-    for repeat in range(5):
-        for threads in (1, 2) if repeat % 2 == 0 else (2, 1):
+    models = {}
+    for name in args.names:
+        models[name] = build_model(name, vocab_size=4096 if name.startswith("tiny") else 50257).eval()
+        for layer in models[name].modules():
+            if isinstance(layer, InfiniteMoE):
+                layer.n_samples = args.samples
+    pairs = [(name, threads) for name in args.names for threads in THREADS]
+    times: dict[tuple[str, int], list[float]] = {pair: [] for pair in pairs}
+    for repeat in range(args.repeats):
+        shift = repeat % len(pairs)
+        for name, threads in pairs[shift:] + pairs[:shift]:
             torch.set_num_threads(threads)
             start = time.perf_counter()
-            list(generate(model, [1, 2, 3], max_new_tokens=new_tokens, temperature=0, seed=0))
-            times[threads].append(time.perf_counter() - start)
-    one, two = (statistics.median(times[t]) for t in (1, 2))
-    print(f"{name}, {new_tokens} tokens: 1 thread {one:.3f} s, 2 threads {two:.3f} s, 2 / 1 = {two / one:.2f}")
+            list(generate(models[name], [1, 2, 3], max_new_tokens=args.tokens, temperature=0, seed=0))
+            times[name, threads].append(time.perf_counter() - start)
+    speed = {pair: args.tokens / statistics.median(t) for pair, t in times.items()}
+    first = args.names[0]
+    print(f"{args.tokens} new tokens, K = {args.samples}, median of {args.repeats}, torch {torch.__version__}")
+    print()
+    print("| model | tokens/s, 1 thread | tokens/s, 2 threads | 2 threads / 1, time | "
+          f"vs {first}, 1 thread | vs {first}, 2 threads |")
+    print("|---|---|---|---|---|---|")
+    for name in args.names:
+        one, two = speed[name, 1], speed[name, 2]
+        print(f"| {name} | {one:.1f} | {two:.1f} | {one / two:.2f} | {one / speed[first, 1]:.2f} | "
+              f"{two / speed[first, 2]:.2f} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main()

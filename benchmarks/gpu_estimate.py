@@ -4,7 +4,7 @@
 
 An estimate, not a measurement: training FLOPs per token (3 x the forward FLOPs of every
 matmul the token actually goes through, attention over a full 1024-token context; for
-∞-MoE on the masked path that is the whole large FFN) divided into an H100 SXM's dense
+∞-MoE on the full path that is the whole large FFN) divided into an H100 SXM's dense
 bf16 peak (989 TFLOP/s) times an assumed model FLOP utilisation.
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
             train_flops = 3 * model_flops_per_token(model, 1, executed=True)
             tokens_per_s = H100_BF16_DENSE_TFLOPS * 1e12 * args.mfu / train_flops
             routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
-            path = ("sparse" if routed[0].uses_sparse(1) else "masked") + f", B={routed[0].block_size}" if routed else "-"
+            path = ("sparse" if routed[0].uses_sparse(1) else "full") + f", B={routed[0].block_size}" if routed else "-"
             print(f"| {name}{f' --block_size {block}' if block else ''} | {path} | {train_flops / 1e9:.2f} | "
                   f"{tokens_per_s:,.0f} | {args.tokens / tokens_per_s / 3600:.1f} |")
 

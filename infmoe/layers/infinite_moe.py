@@ -235,17 +235,23 @@ class InfiniteMoE(FFNLayer):
         Sparse computes u · H units (u: `union_fraction_bound`) but gathers each token's row
         once per block and scatters its result back, an overhead that grows as blocks shrink;
         the full path computes all of H as a dense MLP would. Modelled as sparse / full =
-        u · (1.05 + 37 / B), chosen when at most 1: at N = 50%, B = 64 and 128 for K = 1,
-        B >= 128 for K <= 2, B >= 512 for K <= 4. Fitted to these fwd+bwd times, sparse /
-        full, on 2 CPU threads, fp32, d = 768, H = 6144, N = 50%, 2048 tokens (`infmoe bench
-        --grid`; unions 0.50, 0.70, 0.85, 0.94 for K = 1, 2, 4, 8; the machine's noise ~±10%):
+        u · (1.05 + 37 / B), chosen when at most 1: at N = 50%, B >= 64 for K = 1, B >= 256
+        for K = 2, never for K >= 4. Fitted to these fwd+bwd times, sparse / full, on 2
+        CPU threads, fp32, d = 768, H = 6144, N = 50%, 2048 tokens (`infmoe bench --grid`, the
+        run docs/speed.md shows; unions about 0.50, 0.70, 0.85, 0.94 for K = 1, 2, 4, 8; the
+        machine's noise ~±10%):
 
             B      K=1    K=2    K=4    K=8
-            16     1.67   1.93   2.52   2.63
-            32     1.27   1.48    -     2.35
-            64     0.81   1.16   1.26   1.44
-            128    0.64   0.80   0.99   1.09
-            256    0.64   0.75   0.97   1.02
+            16     1.59   2.21   3.37   2.65
+            32     1.13   1.37   1.69   1.97
+            64     0.88   0.98   1.23   1.45
+            128    0.63   0.84   1.12   1.14
+            256    0.56   0.75   0.85   0.94
+            512    0.55   0.72   0.94   1.03
+
+        u is the bound 1 - (1 - N)^K of independent samples, known before routing; measured
+        unions are smaller, so the rule errs towards the full path at K >= 2 (B = 128 with
+        K = 2 and B = 256 with K = 4 would be ~15% faster sparse).
         """
         return self.union_fraction_bound(n_samples) * (1.05 + 37 / self.block_size) <= 1
 
@@ -348,7 +354,7 @@ class InfiniteMoE(FFNLayer):
                         executed: bool = False) -> float:
         """Router (d → 2 d_z), K score maps (d_z → H/B), and both projections of the
         blocks computed: the union fraction of H, or all of H where ``executed`` and
-        K = n_samples takes the masked path."""
+        training at K = n_samples takes a path that computes every unit (full or masked)."""
         router = 2 * self.d_model * 2 * self.d_z
         scores = n_samples * 2 * self.d_z * self.n_blocks
         fraction = self.union_fraction_bound(n_samples) if union is None else union

@@ -22,7 +22,7 @@ _GPT2_MEDIUM = dict(vocab_size=50257, n_ctx=1024, n_layer=24, n_head=16, d_model
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-dense": dict(_TINY, ffn="dense"),
     # Blocks of 64 units (24 blocks, 12 kept per sample) so that training takes the block-sparse
-    # path; per-unit routing would compute the whole large FFN (docs/speed.md, docs/configs.md).
+    # path; per-unit routing computes the whole large FFN (docs/speed.md, docs/configs.md).
     "tiny-infmoe": dict(_TINY, ffn="infmoe", ffn_options=dict(d_z=16, block_size=64)),
     "tiny-moe": dict(_TINY, ffn="moe", ffn_options=dict(n_experts=8, top_k=4)),
     "gpt2-small-dense": dict(_GPT2_SMALL, ffn="dense"),
