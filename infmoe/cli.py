@@ -151,10 +151,12 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
                             cache_dir=args.cache_dir, encoding_errors=args.encoding_errors, seed=args.seed,
                             autocast=autocast_for(args.precision, device), progress=True)
     table = Table(title=f"{args.checkpoint} on {source} (validation, {result.tokens:,} tokens)")
-    for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token"):
+    for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token", "union of blocks"):
         table.add_column(column, justify="right")
     for r in result.rows:
-        table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}")
+        union = "-" if r.union_fraction is None else f"{r.union_fraction:.3f}"
+        table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}",
+                      union)
     _console().print(table)
     report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": result.tokens, "device": str(device),
               "precision": "bf16" if uses_bf16(args.precision, device) else "fp32",

@@ -38,6 +38,13 @@ def choose(field: str, value: str, choices: Iterable[str]) -> str:
     return value
 
 
+def flag(field: str, value: object) -> bool:
+    """Return `value` if it is a bool (not 0/1 or a string), else raise a `ConfigError`."""
+    if not isinstance(value, bool):
+        raise invalid(field, value, "must be true or false")
+    return value
+
+
 def positive_int(field: str, value: object) -> int:
     """Return `value` if it is an int >= 1 (bools excluded), else raise a `ConfigError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

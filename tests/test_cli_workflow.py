@@ -46,6 +46,10 @@ def test_eval_prints_table_and_writes_json_and_png(trained, tmp_path, cache_dir,
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["label"] for r in report["rows"]] == ["K=1", "K=2", "K=4", "mean"]
     assert all(r["ms_per_token"] > 0 and r["loss"] > 0 and 0 < r["accuracy"] < 1 for r in report["rows"])
+    assert "union of blocks" in printed.out
+    union = {r["label"]: r["union_fraction"] for r in report["rows"]}
+    assert union["K=1"] == union["mean"] == pytest.approx(0.5)  # one mask keeps N = 50% of the blocks
+    assert union["K=1"] < union["K=2"] <= union["K=4"] <= 1
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # fixed seeds: a re-run gives the same losses
     assert main(["eval", str(trained), "--samples", "1,2,4", "--tokens", "1024", "--cache_dir", str(cache_dir),

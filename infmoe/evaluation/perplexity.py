@@ -90,6 +90,9 @@ class SweepRow:
     perplexity: float
     accuracy: float  # share of tokens whose most likely prediction is the actual next token
     ms_per_token: float
+    # share of blocks a token computed (the union of its K masks), over ∞-MoE layers; None
+    # for models without them
+    union_fraction: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +103,8 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
                   include_mean: bool = True, include_sample: bool = True, seed: int = 1234,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                   progress: bool = False) -> list[SweepRow]:
-    """Loss, perplexity, next-token accuracy and wall-clock ms/token for each K (and mean mode).
+    """Loss, perplexity, next-token accuracy, wall-clock ms/token and the union fraction for
+    each K (and mean mode).
 
     Settings are interleaved batch by batch, so drift in the machine's speed hits them
     all alike; ms/token is the median over batches of forward time / tokens. Each
@@ -111,6 +115,8 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
     model.eval()
     totals = [0.0] * len(settings)
     hits = [0] * len(settings)
+    unions = [0.0] * len(settings)  # token-weighted sums of the layers' mean union fraction
+    routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
     times: list[list[float]] = [[] for _ in settings]
     count = 0
     for b, (x, y) in enumerate(tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False)):
@@ -124,13 +130,16 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
                 times[i].append((time.perf_counter() - start) / y.numel())
             totals[i] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
             hits[i] += int((logits.argmax(dim=-1) == y).sum())
+            if routed:
+                unions[i] += y.numel() * sum(float(f.aux.stats["union_fraction"]) for f in routed) / len(routed)
         count += y.numel()
     rows = []
     for i, (mode, k) in enumerate(settings):
         loss = totals[i] / count
         label = "mean" if mode == "mean" else f"K={k}"
         rows.append(SweepRow(label, mode, k, loss, perplexity(loss), hits[i] / count,
-                             1e3 * sorted(times[i])[len(times[i]) // 2]))
+                             1e3 * sorted(times[i])[len(times[i]) // 2],
+                             unions[i] / count if routed else None))
     return rows
 
 

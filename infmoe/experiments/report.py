@@ -53,15 +53,17 @@ def _m(x: float) -> str:
 
 
 def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
-    """Per run, mean ± std over seeds. σ: the router's mean σ over the last logged steps
-    (∞-MoE only); K=16 − K=1: validation loss with 16 samples minus with 1."""
+    """Per run, mean ± std over seeds. Final σ, σ / rms μ and sample disagreement (two
+    samples of a token: the share of one's blocks the other does not keep): the router's,
+    at the last log line (∞-MoE only; "-" for runs logged before the statistic existed);
+    K=16 − K=1: validation loss with 16 samples minus with 1."""
     lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes | "
-             "final σ | K=16 − K=1 | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final σ | σ / rms μ | sample disagreement | K=16 − K=1 | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         records = results.get(run, [])
         if not records:
-            lines.append(f"| {run} | (no finished runs) | | | | | | | | | |")
+            lines.append(f"| {run} | (no finished runs) | | | | | | | | | | | |")
             continue
         first = records[0]
         losses = [r["headline"]["loss"] for r in records]
@@ -69,19 +71,20 @@ def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
             f"| {run} | {_m(first['params']['total'])} | {_m(first['params']['active'])} | "
             f"{first['tokens_seen'] / 1e6:.2f}M | {len(records)} | {_pm(losses)} | "
             f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} | "
-            f"{_final_sigma(records)} | {_k_gap(records)} | "
+            f"{_final(records, 'sigma_mean')} | {_final(records, 'sigma_over_mu')} | "
+            f"{_final(records, 'sample_disagreement')} | {_k_gap(records)} | "
             f"{_pm([training_minutes(r) for r in records], '.1f')} |"
         )
     base = next((r for run in runs for r in results.get(run, [])), None)
     if base is not None:
         for name in ("unigram", "bigram"):
             loss = base["baselines"][name]
-            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | | | | |")
+            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | | | | | | |")
     return "\n".join(lines)
 
 
-def _final_sigma(records: list[dict]) -> str:
-    values = [r["curve"]["sigma_mean"][-1] for r in records if r["curve"].get("sigma_mean")]
+def _final(records: list[dict], series: str) -> str:
+    values = [r["curve"][series][-1] for r in records if r["curve"].get(series)]
     return _pm(values) if values else "-"
 
 

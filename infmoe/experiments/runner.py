@@ -187,7 +187,8 @@ def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-ROUTING_SERIES = ("sigma_mean", "kl", "union_fraction", "usage_entropy", "ever_used_fraction", "load_balance")
+ROUTING_SERIES = ("sigma_mean", "sigma_over_mu", "sample_disagreement", "kl", "union_fraction", "usage_entropy",
+                  "ever_used_fraction", "load_balance")
 # curve series name -> metrics.jsonl key, logged with each training loss
 _CURVE_SERIES = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
 

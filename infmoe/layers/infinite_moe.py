@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infmoe.errors import choose, divisor, invalid, positive_int, real
+from infmoe.errors import choose, divisor, flag, invalid, positive_int, real
 from infmoe.layers.base import FFNAux, FFNLayer, count_kept, gelu, init_normal_, routing_linear
-from infmoe.layers.full_width import full_width_ffn, gate_scores
+from infmoe.layers.full_width import full_width_ffn, gate_scores, top_n_mask
 from infmoe.layers.grouped import grouped_ffn
 from infmoe.layers.rows import rows_ffn
 
@@ -36,6 +36,10 @@ IMPLS = ("auto", "full", "sparse", "rows", "masked")
 # Without gradients "auto" reads rows for one token, and for more when tokens × union
 # fraction is at most this; beyond it one pass over every row (the full path) is cheaper.
 ROWS_LIMIT = 0.8
+# Tokens (spread over the batch) on which `sample_disagreement` draws its two samples: enough
+# for a mean over tokens (and over the steps between two log lines), few enough to cost
+# little next to the layer at any B.
+DISAGREEMENT_TOKENS = 128
 
 
 class Selection(NamedTuple):
@@ -69,6 +73,13 @@ class InfiniteMoE(FFNLayer):
             gradient reaches the router through the output).
         sigma_min: floor added to σ = softplus(·) so sampling never collapses to a point.
         kl_weight: weight of KL(p(z|x) || N(0, I)) (mean over tokens) in ``aux.loss``.
+        mu_norm: scale-free routing: μ is divided by its RMS over d_z (each token's μ then
+            has the prior's scale, |μ|² = d_z), so σ is noise relative to μ and a growing μ
+            cannot outgrow it. Off by default (the paper's router).
+        train_samples: training that rewards averaging: each training forward draws its K
+            uniformly from these (e.g. (1, 2, 4)), so the model learns to use one sample and
+            to gain from several. Inference and `eval()` use n_samples. Empty (the default):
+            training uses n_samples too.
         impl: how the FFN is computed; every choice gives the same y (tests hold each to
             "masked"). "full": every unit, then the gates, routing fused in (for small
             blocks: `infmoe.layers.full_width`). "sparse": only the chosen blocks, as grouped
@@ -90,6 +101,8 @@ class InfiniteMoE(FFNLayer):
         gate: str = "sigmoid",
         sigma_min: float = 0.01,
         kl_weight: float = 0.0,
+        mu_norm: bool = False,
+        train_samples: tuple[int, ...] | list[int] = (),
         impl: str = "auto",
     ) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
@@ -101,6 +114,10 @@ class InfiniteMoE(FFNLayer):
         self.gate = choose("gate", gate, GATES)
         self.sigma_min = real("sigma_min", sigma_min, low=0)
         self.kl_weight = real("kl_weight", kl_weight, low=0)
+        self.mu_norm = flag("mu_norm", mu_norm)
+        if not isinstance(train_samples, (tuple, list)):
+            raise invalid("train_samples", train_samples, "must be a list of sample counts, e.g. [1, 2, 4]")
+        self.train_samples = tuple(positive_int("train_samples", k) for k in train_samples)
         self.impl = choose("impl", impl, IMPLS)
         self.n_samples = n_samples
         self.mode = mode
@@ -145,6 +162,8 @@ class InfiniteMoE(FFNLayer):
     def router_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, d) → μ, σ of p(z | x), each (T, d_z), in at least fp32."""
         mu, pre_sigma = routing_linear(x, self.router).chunk(2, dim=-1)
+        if self.mu_norm:
+            mu = mu * torch.rsqrt(mu.square().mean(-1, keepdim=True) + 1e-6)
         return mu, F.softplus(pre_sigma) + self.sigma_min
 
     def sample_z(self, x: torch.Tensor, noise: torch.Tensor | None = None
@@ -278,6 +297,9 @@ class InfiniteMoE(FFNLayer):
         x2 = x.reshape(-1, self.d_model)
         if noise is not None:
             noise = noise.reshape(noise.shape[0], -1, self.d_z)
+        if noise is None and self.mode == "sample" and self.training and self.train_samples:
+            k = self.train_samples[int(torch.randint(len(self.train_samples), ()))]
+            noise = torch.randn((k, x2.shape[0], self.d_z), device=x2.device)
         k = 1 if self.mode == "mean" else (noise.shape[0] if noise is not None else self.n_samples)
         grad = torch.is_grad_enabled() and (x2.requires_grad or self.w_in.requires_grad)
         impl = self.plan(x2.shape[0], k, grad)
@@ -305,6 +327,29 @@ class InfiniteMoE(FFNLayer):
         self.aux = self._report(usage, mu, sigma)
         return y.reshape(*lead, self.d_model)
 
+    @torch.no_grad()
+    def sample_disagreement(self, mu: torch.Tensor, sigma: torch.Tensor,
+                            score: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """mu, sigma (T, d_z) → scalar: 1 − |m₁ ∩ m₂| / |m₁| for two independent samples of
+        the same token, averaged over tokens. Whether K can matter at all: 0 when a token's
+        samples keep the same blocks (averaging K of them changes nothing), 1 − N for two
+        unrelated masks. Measured on at most `DISAGREEMENT_TOKENS` tokens spread over the
+        batch, with draws from a generator of its own, so the run's random stream and its
+        results do not change. score: the score map's (weight, bias), default this layer's."""
+        t = mu.shape[0]
+        if t == 0:
+            return mu.new_zeros(())
+        rows = torch.linspace(0, t - 1, min(t, DISAGREEMENT_TOKENS), device=mu.device).long()
+        mu, sigma = mu[rows], sigma[rows]  # at least fp32, as routing is
+        generator = torch.Generator(device=mu.device).manual_seed(0)
+        noise = torch.randn((2, *mu.shape), generator=generator, device=mu.device).to(mu.dtype)
+        z = (mu + sigma * noise).reshape(2 * rows.numel(), self.d_z)
+        weight, bias = (self.score.weight, self.score.bias) if score is None else score
+        with torch.autocast(mu.device.type, enabled=False):
+            scores = torch.addmm(bias.to(z.dtype), z, weight.to(z.dtype).t())
+        keep = top_n_mask(scores, self.n_kept).view(2, rows.numel(), self.n_blocks)
+        return 1 - (keep[0] * keep[1]).sum(-1).mean() / self.n_kept
+
     def union(self, index: torch.Tensor) -> torch.Tensor:
         """index (K, T, n_kept) → (T, n_blocks) bool: blocks kept by any of a token's samples."""
         k, t, n = index.shape
@@ -321,12 +366,18 @@ class InfiniteMoE(FFNLayer):
 
         loss = self.kl_weight * kl_divergence() if self.kl_weight > 0 else None
         mu, sigma = mu.detach(), sigma.detach()
+        # The disagreement needs the score map, whose weights FSDP holds whole only during
+        # the forward: training keeps a copy (d_z × H/B numbers) for when it is read.
+        score = (self.score.weight.detach().clone(), self.score.bias.detach().clone()) if self.training else None
 
         @torch.no_grad()
         def stats() -> dict[str, torch.Tensor]:
             used = (usage() if callable(usage) else usage).float()
             return {
                 "sigma_mean": sigma.mean(),
+                # σ against μ's own scale: noise a growing μ can outgrow shows here, not in σ
+                "sigma_over_mu": sigma.mean() / mu.square().mean().sqrt().clamp_min(1e-12),
+                "sample_disagreement": self.sample_disagreement(mu, sigma, score),
                 "kl": kl_divergence(),
                 "union_fraction": used.mean(),  # blocks a token uses, over its K samples
                 "used_fraction": (used > 0).float().mean(),  # blocks some token used

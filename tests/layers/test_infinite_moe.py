@@ -188,6 +188,91 @@ def test_stats_describe_the_last_call(k):
     assert not any(v.requires_grad for v in stats.values())
 
 
+def test_sample_disagreement_is_the_share_of_blocks_two_samples_do_not_share():
+    layer = make(block_size=2)
+    x = torch.randn(40, D, dtype=torch.float64)
+    layer(x)
+    stats = layer.aux.stats
+    # the same draws from the statistic's own generator, through `select` (topk indices)
+    noise = torch.randn((2, 40, DZ), generator=torch.Generator().manual_seed(0)).double()
+    index = layer.select(x, noise).index
+    shared = [len(set(index[0, t].tolist()) & set(index[1, t].tolist())) for t in range(40)]
+    expected = 1 - sum(shared) / (40 * layer.n_kept)
+    assert stats["sample_disagreement"].item() == pytest.approx(expected, abs=1e-6)
+    assert 0 < expected < 1
+    mu, sigma = layer.router_distribution(x)
+    assert stats["sigma_over_mu"].item() == pytest.approx((sigma.mean() / mu.square().mean().sqrt()).item())
+
+
+def test_sample_disagreement_spans_collapsed_to_unrelated_samples():
+    layer = make(d_hidden=128, block_size=1)
+    mu = torch.randn(200, DZ, dtype=torch.float64)
+    assert layer.sample_disagreement(mu, torch.full_like(mu, 1e-9)).item() == 0  # σ collapsed: K buys nothing
+    noise_only = layer.sample_disagreement(torch.zeros_like(mu), torch.full_like(mu, 1e3)).item()
+    assert noise_only == pytest.approx(1 - layer.n_kept / layer.n_blocks, abs=0.03)  # two unrelated masks
+
+
+def test_sample_disagreement_leaves_the_random_stream_alone():
+    layer = make()
+    x = torch.randn(500, D, dtype=torch.float64)  # more tokens than it measures on
+    layer(x)
+    state = torch.get_rng_state()
+    assert 0 < layer.aux.stats["sample_disagreement"].item() < 1
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_mu_norm_routes_with_mu_at_the_priors_scale():
+    plain, normed = make(block_size=2), make(block_size=2, mu_norm=True)  # same weights
+    x = torch.randn(30, D, dtype=torch.float64) * 50  # a large μ, as trained routers grow
+    raw_mu, raw_sigma = (plain.router(x)).chunk(2, dim=-1)
+    mu, sigma = plain.router_distribution(x)
+    assert torch.equal(mu, raw_mu)  # off: the paper's router, untouched
+    mu_n, sigma_n = normed.router_distribution(x)
+    torch.testing.assert_close(mu_n.square().mean(-1), torch.ones(30, dtype=torch.float64), rtol=1e-4, atol=0)
+    torch.testing.assert_close(mu_n, mu / mu.square().mean(-1, keepdim=True).sqrt(), rtol=1e-4, atol=0)
+    assert torch.equal(sigma_n, sigma)
+    noise = torch.randn(2, 30, DZ, dtype=torch.float64)
+    scores = normed.score(mu_n + sigma_n * noise)
+    expected = scores.topk(normed.n_kept, dim=-1).indices.sort(-1).values
+    assert torch.equal(normed.select(x, noise).index.sort(-1).values, expected)
+    # relative to μ, the same σ is now far more noise: two samples disagree more
+    assert normed.sample_disagreement(mu_n, sigma_n) > plain.sample_disagreement(mu, sigma)
+    with pytest.raises(ConfigError, match="mu_norm"):
+        make(mu_norm=1)
+
+
+def test_train_samples_draw_k_for_each_training_forward_only():
+    layer = make(block_size=2, train_samples=[1, 4])
+    x = torch.randn(50, D, dtype=torch.float64)
+    unions = set()
+    for _ in range(30):
+        layer(x)
+        unions.add(round(layer.aux.stats["union_fraction"].item(), 6))
+    assert 0.5 in unions and max(unions) > 0.5  # K = 1 keeps exactly N = 50%; K = 4 more
+    assert len(unions) > 2  # K = 4's unions vary from call to call, K = 1's never
+    layer.eval()
+    for _ in range(5):
+        layer(x)
+        assert layer.aux.stats["union_fraction"].item() == 0.5  # inference: n_samples = 1
+    with pytest.raises(ConfigError, match="train_samples"):
+        make(train_samples=[1, 0])
+    with pytest.raises(ConfigError, match="train_samples"):
+        make(train_samples="1,2")
+
+
+def test_recipes_off_change_nothing_bit_for_bit():
+    x = torch.randn(50, D, dtype=torch.float64)
+    outputs = []
+    for options in ({}, dict(mu_norm=False, train_samples=())):
+        layer = make(block_size=2, n_samples=2, **options)
+        torch.manual_seed(1)
+        y = layer(x)
+        y.sum().backward()
+        outputs.append((y, layer.router.weight.grad, torch.get_rng_state()))
+    (y0, g0, rng0), (y1, g1, rng1) = outputs
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and torch.equal(rng0, rng1)
+
+
 def test_flops_per_token_counts_router_scores_and_the_blocks_computed():
     layer = make(block_size=4)  # 6 blocks, 3 kept per sample
     router, scores, whole = 2 * D * 2 * DZ, 2 * DZ * 6, 2 * 2 * D * H

@@ -211,9 +211,11 @@ def test_metrics_jsonl_and_tensorboard(tmp_path, micro):
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
     for key in ("train/lr", "train/tokens_per_s", "routing/sigma_mean", "routing/ever_used_fraction",
-                "routing/usage_entropy", "routing/union_fraction"):
+                "routing/usage_entropy", "routing/union_fraction", "routing/sample_disagreement",
+                "routing/sigma_over_mu"):
         assert key in train_rows[-1], key
     assert 0 < train_rows[-1]["routing/usage_entropy"] <= 1
+    assert 0 < train_rows[-1]["routing/sample_disagreement"] < 1
     assert [r["step"] for r in rows if "val/loss" in r] == [4, 8]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
 
