@@ -242,7 +242,7 @@ def _build(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _install(tmp, directory)
+        _install(tmp, directory, fingerprint)
     except OSError as e:
         raise _write_error(directory, e) from None
     finally:
@@ -267,8 +267,12 @@ def _write_error(directory: Path, e: OSError) -> DataError:
     )
 
 
-def _install(tmp: Path, directory: Path) -> None:
-    """Rename the finished `tmp` folder to `directory`, moving a stale one out of the way."""
+def _install(tmp: Path, directory: Path, fingerprint: str) -> None:
+    """Rename the finished `tmp` folder to `directory`, moving a stale one out of the way.
+    A complete one for the same fingerprint is kept: a concurrent prepare (two runs of a grid
+    starting together) finished first, and its runs may already be reading it."""
+    if _open_cached(directory, fingerprint) is not None:
+        return
     if directory.exists():
         stale = directory.with_name(f".{directory.name}.stale-{uuid.uuid4().hex[:8]}")
         os.rename(directory, stale)

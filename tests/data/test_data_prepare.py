@@ -297,3 +297,17 @@ def test_wikitext2_end_to_end(shared_data: Path, cache_dir: Path):
     assert len(prepared.train) > 5 * len(prepared.valid) > 500_000
     assert prepared.tokenizer.decode(prepared.valid[:6].tolist()).startswith("= Homarus")
     assert 3.0 < unigram_loss(prepared.train, prepared.valid, prepared.vocab_size) < np.log(512)
+
+
+def test_a_concurrent_prepare_finishing_second_keeps_the_first_ones_folder(corpus: Path, cache_dir: Path):
+    """Two runs of a grid that start together both build the same data. The one that
+    finishes second must not move the folder away from the first, which is reading it."""
+    first = prepare(corpus, cache_dir=cache_dir, **SMALL)
+    inode, created, train = first.directory.stat().st_ino, first.meta["created"], first.train.copy()
+    src = pipeline.resolve_source(str(corpus), cache_dir)
+    # the second build, run to its end as a racing worker would (the cache check came first)
+    pipeline._build(src, first.directory, first.meta["fingerprint"], first.meta["settings"], None, progress=False)
+    assert first.directory.stat().st_ino == inode
+    assert json.loads((first.directory / "meta.json").read_text())["created"] == created
+    assert sorted(p.name for p in cache_dir.iterdir()) == [first.directory.name]  # its temporary is gone
+    assert np.array_equal(prepare(corpus, cache_dir=cache_dir, **SMALL).train, train)

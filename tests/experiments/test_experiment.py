@@ -37,7 +37,7 @@ def test_micro_grid_runs_reports_and_skips_finished_runs(tmp_path, corpus, cache
     out = capsys.readouterr().out
     assert "0 of 2 runs already done" in out and "inf-seed0" in out and "dense-seed0" in out
     records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")}
-    assert set(records) == {"inf-seed0", "dense-seed0"}
+    assert set(records) == {"inf-seed0", "dense-seed0"}, out
     inf = records["inf-seed0"]
     assert inf["steps"] == 6 and [r["label"] for r in inf["sweep"]] == ["K=1", "K=2", "mean"]
     assert inf["headline"]["label"] == "K=1" and len(inf["curve"]["train_loss"]) == 6
