@@ -44,3 +44,11 @@ def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False):
     if repeat_noise:  # the first half of the tokens draw the same z K times: nothing new
         noise[:, : t // 2] = noise[:1, : t // 2]
     return x, dy, noise
+
+
+def assert_mean_mode_with_leading_shapes_match(impl: str, block_size: int) -> None:
+    """`impl` equals the masked reference in mode "mean" on (2, 5, D) inputs, fp64."""
+    layer = infmoe(torch.float64, block_size=block_size, mode="mean")
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    dy = torch.randn(2, 5, D, dtype=torch.float64)
+    assert_same(run(layer, impl, x, dy), run(layer, "masked", x, dy), 1e-8)

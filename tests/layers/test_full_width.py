@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infmoe.layers.full_width import top_n_mask
-from paths import D, TOL, assert_same, infmoe, inputs, run
+from paths import TOL, assert_mean_mode_with_leading_shapes_match, assert_same, infmoe, inputs, run
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -25,10 +25,7 @@ def test_full_equals_masked(dtype, gate, k, block_size):
 
 
 def test_full_in_mean_mode_and_with_leading_shapes():
-    layer = infmoe(torch.float64, block_size=1, mode="mean")
-    x = torch.randn(2, 5, D, dtype=torch.float64)
-    dy = torch.randn(2, 5, D, dtype=torch.float64)
-    assert_same(run(layer, "full", x, dy), run(layer, "masked", x, dy), 1e-8)
+    assert_mean_mode_with_leading_shapes_match("full", block_size=1)
 
 
 def test_the_softmax_gate_takes_the_reference_under_full():
