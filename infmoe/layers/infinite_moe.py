@@ -17,6 +17,7 @@ Two execution paths compute the same y (option ``impl``):
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -30,7 +31,7 @@ from infmoe.layers.full_width import full_width_ffn, gate_scores, top_n_mask
 from infmoe.layers.grouped import grouped_ffn
 from infmoe.layers.rows import rows_ffn
 
-MODES = ("sample", "mean")
+MODES = ("sample", "mean", "adaptive")
 GATES = ("sigmoid", "softmax", "constant")
 IMPLS = ("auto", "full", "sparse", "rows", "masked")
 # Without gradients "auto" reads rows for one token, and for more when tokens × union
@@ -40,6 +41,62 @@ ROWS_LIMIT = 0.8
 # for a mean over tokens (and over the steps between two log lines), few enough to cost
 # little next to the layer at any B.
 DISAGREEMENT_TOKENS = 128
+
+
+class Route(NamedTuple):
+    """The router's p(z | x) = Σ_c π_c N(μ_c, diag σ_c²) for T tokens.
+
+    mu, sigma (T, C, d_z): each component's Gaussian, in at least fp32.
+    log_pi (T, C): the log mixture weights; None for the paper's single Gaussian (C = 1).
+    """
+
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    log_pi: torch.Tensor | None
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and standard deviation of p(z | x), each (T, d_z)."""
+        if self.log_pi is None:
+            return self.mu[:, 0], self.sigma[:, 0]
+        pi = self.log_pi.exp().unsqueeze(-1)
+        mean = (pi * self.mu).sum(1)
+        second = (pi * (self.sigma.square() + self.mu.square())).sum(1)
+        return mean, (second - mean.square()).clamp_min(0).sqrt()
+
+    def kl(self) -> torch.Tensor:
+        """(T,) KL(p(z | x) || N(0, I)) per token. For a mixture, the KL of the joint
+        p(c, z | x) from a uniform p(c) times N(0, I), which bounds the mixture's own KL
+        (no closed form) from above: KL(π || uniform) + Σ_c π_c KL(N_c || N(0, I))."""
+        mu, sigma = self.mu, self.sigma
+        per_component = 0.5 * (sigma.square() + mu.square() - 1 - 2 * sigma.log()).sum(-1)  # (T, C)
+        if self.log_pi is None:
+            return per_component[:, 0]
+        pi = self.log_pi.exp()
+        return (pi * (self.log_pi + math.log(pi.shape[1]))).sum(-1) + (pi * per_component).sum(-1)
+
+    def sample(self, noise: torch.Tensor, generator: torch.Generator | None = None,
+               relaxed: bool = False) -> torch.Tensor:
+        """noise ε (K, T, d_z) → z (K, T, d_z). One Gaussian: z = μ + σ ε. A mixture: each
+        sample first draws its component c ~ π (Gumbel-max, from `generator` if given), then
+        z = μ_c + σ_c ε. relaxed: the straight-through Gumbel-softmax estimator (Jang et al.
+        2017, arXiv 1611.01144), so that π gets a gradient; z's value is unchanged."""
+        if self.log_pi is None:
+            return self.mu[:, 0] + self.sigma[:, 0] * noise
+        k, (t, c) = noise.shape[0], self.log_pi.shape
+        uniform = torch.rand((k, t, c), generator=generator, device=noise.device, dtype=noise.dtype)
+        perturbed = self.log_pi - torch.log(-torch.log(uniform.clamp_min(1e-20)))  # (K, T, C)
+        weight = F.one_hot(perturbed.argmax(-1), c).to(noise.dtype)
+        if relaxed:
+            soft = perturbed.softmax(-1)
+            weight = weight + soft - soft.detach()
+        components = self.mu + self.sigma * noise.unsqueeze(2)  # (K, T, C, d_z)
+        return (weight.unsqueeze(-1) * components).sum(2)
+
+    def mode_mean(self) -> torch.Tensor:
+        """(T, d_z): z for mode "mean", μ of the most probable component."""
+        if self.log_pi is None:
+            return self.mu[:, 0]
+        return self.mu.gather(1, self.log_pi.argmax(-1)[:, None, None].expand(-1, 1, self.mu.shape[-1]))[:, 0]
 
 
 class Selection(NamedTuple):
@@ -67,12 +124,22 @@ class InfiniteMoE(FFNLayer):
         active_fraction: N, the fraction of blocks each sample keeps, in (0, 1].
         block_size: B, hidden units per block; H must be divisible by B. 1 = per unit.
         n_samples: K, samples of z averaged per token (mode "sample"); changeable later.
-        mode: "sample" draws z ~ p(z|x); "mean" uses z = μ(x) (deterministic, one mask).
+        mode: "sample" draws z ~ p(z|x); "mean" uses z = μ(x) (deterministic, one mask);
+            "adaptive" lets each token choose its own K up to n_samples (`adaptive_keep`).
         gate: weight of a kept block from its score s: "sigmoid" σ(s); "softmax" over the
             kept scores, scaled so the gates sum to the number kept; "constant" 1 (no
             gradient reaches the router through the output).
         sigma_min: floor added to σ = softplus(·) so sampling never collapses to a point.
         kl_weight: weight of KL(p(z|x) || N(0, I)) (mean over tokens) in ``aux.loss``.
+        kl_free: free bits (Kingma et al. 2016, arXiv 1606.04934), a noise target instead of
+            a penalty: each token's KL is penalised only beyond this many nats, so the
+            router may spend up to kl_free on token-dependent routing and no more; μ cannot
+            outgrow σ without paying kl_weight per nat. 0 (the default): the plain KL term.
+        n_components: C, Gaussians in the router's mixture p(z|x) = Σ_c π_c(x) N(μ_c(x),
+            diag σ_c(x)²) (the paper's future work), so a token's K samples can land in
+            different modes. Training passes π a gradient by the straight-through Gumbel-
+            softmax; mode "mean" uses the most probable component's μ. 1 (the default): the
+            paper's single Gaussian.
         mu_norm: scale-free routing: μ is divided by its RMS over d_z (each token's μ then
             has the prior's scale, |μ|² = d_z), so σ is noise relative to μ and a growing μ
             cannot outgrow it. Off by default (the paper's router).
@@ -101,6 +168,8 @@ class InfiniteMoE(FFNLayer):
         gate: str = "sigmoid",
         sigma_min: float = 0.01,
         kl_weight: float = 0.0,
+        kl_free: float = 0.0,
+        n_components: int = 1,
         mu_norm: bool = False,
         train_samples: tuple[int, ...] | list[int] = (),
         impl: str = "auto",
@@ -114,6 +183,8 @@ class InfiniteMoE(FFNLayer):
         self.gate = choose("gate", gate, GATES)
         self.sigma_min = real("sigma_min", sigma_min, low=0)
         self.kl_weight = real("kl_weight", kl_weight, low=0)
+        self.kl_free = real("kl_free", kl_free, low=0)
+        self.n_components = positive_int("n_components", n_components)
         self.mu_norm = flag("mu_norm", mu_norm)
         if not isinstance(train_samples, (tuple, list)):
             raise invalid("train_samples", train_samples, "must be a list of sample counts, e.g. [1, 2, 4]")
@@ -122,7 +193,9 @@ class InfiniteMoE(FFNLayer):
         self.n_samples = n_samples
         self.mode = mode
 
-        self.router = nn.Linear(d_model, 2 * d_z)  # → (μ, pre-softplus σ)
+        # → (μ, pre-softplus σ) per component, then C mixture logits (none for C = 1)
+        c = self.n_components
+        self.router = nn.Linear(d_model, c * 2 * d_z + (c if c > 1 else 0))
         self.score = nn.Linear(d_z, self.n_blocks)  # z → one score per block
         # Both projections stored (H, d) so a block is a contiguous slice of rows.
         self.w_in = nn.Parameter(torch.empty(d_hidden, d_model))
@@ -159,26 +232,36 @@ class InfiniteMoE(FFNLayer):
         nn.init.zeros_(self.b_in)
         nn.init.zeros_(self.b_out)
 
-    def router_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (T, d) → μ, σ of p(z | x), each (T, d_z), in at least fp32."""
-        mu, pre_sigma = routing_linear(x, self.router).chunk(2, dim=-1)
+    def route(self, x: torch.Tensor) -> Route:
+        """x (T, d) → the router's p(z | x), in at least fp32."""
+        out = routing_linear(x, self.router)
+        c, t = self.n_components, x.shape[0]
+        log_pi = out[:, -c:].log_softmax(-1) if c > 1 else None
+        mu, pre_sigma = out[:, : c * 2 * self.d_z].view(t, c, 2 * self.d_z).chunk(2, dim=-1)
         if self.mu_norm:
             mu = mu * torch.rsqrt(mu.square().mean(-1, keepdim=True) + 1e-6)
-        return mu, F.softplus(pre_sigma) + self.sigma_min
+        return Route(mu, F.softplus(pre_sigma) + self.sigma_min, log_pi)
 
-    def sample_z(self, x: torch.Tensor, noise: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, d) → z (K, T, d_z), μ, σ (T, d_z): K samples z = μ + σ ε (ε standard normal,
-        or `noise` (K, T, d_z)), or z = μ in mode "mean"; in at least fp32, autocast off."""
+    def router_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, d) → μ, σ of p(z | x), each (T, d_z), in at least fp32: the Gaussian's, or
+        the mixture's mean and standard deviation."""
+        return self.route(x).moments()
+
+    def sample_z(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, Route]:
+        """x (T, d) → z (K, T, d_z) and p(z | x): K samples z = μ + σ ε (ε standard normal,
+        or `noise` (K, T, d_z); a mixture draws each sample's component first), or z = μ in
+        mode "mean"; in at least fp32, autocast off."""
         with torch.autocast(x.device.type, enabled=False):
-            mu, sigma = self.router_distribution(x)
+            route = self.route(x)
             if self.mode == "mean":
                 if noise is not None:
                     raise invalid("noise", "tensor", 'mode="mean" draws no noise; pass None')
-                return mu.unsqueeze(0), mu, sigma
+                return route.mode_mean().unsqueeze(0), route
+            mu = route.mu
             if noise is None:
-                noise = torch.randn((self.n_samples, *mu.shape), dtype=mu.dtype, device=mu.device)
-            return mu + sigma * noise.to(mu.dtype), mu, sigma
+                noise = torch.randn((self.n_samples, x.shape[0], self.d_z), dtype=mu.dtype, device=mu.device)
+            relaxed = torch.is_grad_enabled() and self.training
+            return route.sample(noise.to(mu.dtype), relaxed=relaxed), route
 
     def select(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> Selection:
         """The blocks each of K samples z ~ p(z | x) keeps, and their gates. x (T, d).
@@ -188,7 +271,13 @@ class InfiniteMoE(FFNLayer):
         near-equal scores at the top-N boundary tie or swap, and the kept blocks would
         change with the precision setting.
         """
-        z, mu, sigma = self.sample_z(x, noise)
+        return self._select(x, noise)[0]
+
+    def _select(self, x: torch.Tensor, noise: torch.Tensor | None
+                ) -> tuple[Selection, Route, torch.Tensor | None]:
+        """`select`, with p(z | x) and, in mode "adaptive", `adaptive_keep`'s (K, T) samples."""
+        z, route = self.sample_z(x, noise)
+        mu, sigma = route.moments()
         with torch.autocast(x.device.type, enabled=False):
             top_score, index = routing_linear(z, self.score).topk(self.n_kept, dim=-1, sorted=False)
             if self.gate == "sigmoid":
@@ -197,7 +286,29 @@ class InfiniteMoE(FFNLayer):
                 gate = top_score.softmax(dim=-1) * self.n_kept
             else:
                 gate = torch.ones_like(top_score)
-        return Selection(index, gate / z.shape[0], mu, sigma)
+        if self.mode == "adaptive":
+            keep = self.adaptive_keep(index)  # (K, T)
+            # a sample a token stops before repeats its first sample's blocks with gate 0: the
+            # union and the mean mask are those of the samples it keeps
+            index = torch.where(keep.unsqueeze(-1), index, index[:1])
+            return Selection(index, gate * (keep / keep.sum(0)).unsqueeze(-1), mu, sigma), route, keep
+        return Selection(index, gate / z.shape[0], mu, sigma), route, None
+
+    @torch.no_grad()
+    def adaptive_keep(self, index: torch.Tensor) -> torch.Tensor:
+        """index (K, T, n_kept) → (K, T) bool: the samples each token averages in mode
+        "adaptive". A token keeps drawing while each new sample still adds blocks to the union
+        of its masks; the first sample that adds none is averaged in too (its blocks are all
+        computed already, so it costs nothing on the sparse path) and ends the token's draw.
+        A token whose first two samples agree thus averages 2 samples over 1 sample's blocks;
+        one whose samples keep differing runs to K. Decided for every token at once."""
+        k, t, _ = index.shape
+        masks = torch.zeros(k, t, self.n_blocks, dtype=torch.bool, device=index.device).scatter_(2, index, True)
+        union = masks.cumsum(0, dtype=torch.int32) > 0  # (K, T, n_blocks): after samples 0..k
+        grew = (masks[1:] & ~union[:-1]).any(-1)  # (K - 1, T): sample k + 1 added a block
+        # sample 0 always; sample k >= 1 while every sample before it (from 1 on) grew the union
+        still = torch.cat([grew.new_ones(1, t), grew[:-1]]).int().cumprod(0).bool()
+        return torch.cat([grew.new_ones(1, t), still])[:k]
 
     @torch.no_grad()
     def threshold_masks(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +383,11 @@ class InfiniteMoE(FFNLayer):
         unions are smaller, so the rule errs towards the full path at K >= 2 (B = 128 with
         K = 2 and B = 256 with K = 4 would be ~15% faster sparse).
         """
-        return self.union_fraction_bound(n_samples) * (1.05 + 37 / self.block_size) <= 1
+        return self._sparse_pays_at(self.union_fraction_bound(n_samples))
+
+    def _sparse_pays_at(self, union: float) -> bool:
+        """`sparse_pays` for a union fraction u: u · (1.05 + 37 / B) <= 1."""
+        return union * (1.05 + 37 / self.block_size) <= 1
 
     def plan(self, tokens: int, n_samples: int, grad: bool) -> str:
         """The impl a call takes: the fixed `impl`, or under "auto" "rows" for inference on
@@ -302,11 +417,13 @@ class InfiniteMoE(FFNLayer):
             noise = torch.randn((k, x2.shape[0], self.d_z), device=x2.device)
         k = 1 if self.mode == "mean" else (noise.shape[0] if noise is not None else self.n_samples)
         grad = torch.is_grad_enabled() and (x2.requires_grad or self.w_in.requires_grad)
+        if self.mode == "adaptive":
+            return self._adaptive_forward(x2, noise, grad).reshape(*lead, self.d_model)
         impl = self.plan(x2.shape[0], k, grad)
         if impl == "rows" and grad:
             raise invalid("impl", impl, "reads rows without gradients (inference only); use 'auto' to train")
         if impl in ("full", "rows") and self.gate != "softmax":  # selected by a threshold
-            z, mu, sigma = self.sample_z(x2, noise)
+            z, route = self.sample_z(x2, noise)
             if impl == "full":
                 y, usage = full_width_ffn(x2, z, self.score, self.w_in, self.b_in, self.w_out, self.b_out,
                                           self.n_kept, sigmoid=self.gate == "sigmoid")
@@ -315,37 +432,62 @@ class InfiniteMoE(FFNLayer):
                 y = rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
                 usage = lambda: chosen.mean(0)  # noqa: E731 - read lazily, with the other statistics
         else:  # selected by `select`'s indices; the softmax gate always takes this way
-            index, gate, mu, sigma = self.select(x2, noise)
+            (index, gate, _, _), route, _ = self._select(x2, noise)
             mask, chosen = self.mean_mask(index, gate), self.union(index)
-            if impl == "sparse":
-                y = self.sparse_ffn(x2, mask, chosen)
-            elif impl == "rows":
-                y = rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
-            else:
-                y = self.masked_ffn(x2, mask)
+            y = self._ffn_by_mask(impl, x2, mask, chosen)
             usage = lambda: chosen.float().mean(0)  # noqa: E731
-        self.aux = self._report(usage, mu, sigma)
+        self.aux = self._report(usage, route)
         return y.reshape(*lead, self.d_model)
 
+    def _adaptive_forward(self, x2: torch.Tensor, noise: torch.Tensor | None, grad: bool) -> torch.Tensor:
+        """Mode "adaptive": routing first, then the path its measured union pays for, as
+        `plan` would with the union known ("full" computes every unit, as the masked
+        reference does: the fused full path cannot average a different K per token)."""
+        (index, gate, _, _), route, keep = self._select(x2, noise)
+        mask, chosen = self.mean_mask(index, gate), self.union(index)
+        union = chosen.float().mean().item() if x2.shape[0] else 0.0
+        impl = self.impl
+        if impl == "auto":
+            if not grad and x2.shape[0] * union <= ROWS_LIMIT:
+                impl = "rows"
+            else:
+                impl = "sparse" if self._sparse_pays_at(union) else "masked"
+        if impl == "rows" and grad:
+            raise invalid("impl", impl, "reads rows without gradients (inference only); use 'auto' to train")
+        y = self._ffn_by_mask(impl, x2, mask, chosen)
+        self.aux = self._report(lambda: chosen.float().mean(0), route, samples_used=keep.sum(0).float())
+        return y
+
+    def _ffn_by_mask(self, impl: str, x2: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """y (T, d) from the summed gates m̄ and the union `chosen` (T, n_blocks), by `impl`."""
+        if impl == "sparse":
+            return self.sparse_ffn(x2, mask, chosen)
+        if impl == "rows":
+            return rows_ffn(x2, mask, chosen, self.w_in, self.b_in, self.w_out, self.b_out)
+        return self.masked_ffn(x2, mask)
+
     @torch.no_grad()
-    def sample_disagreement(self, mu: torch.Tensor, sigma: torch.Tensor,
+    def sample_disagreement(self, mu: torch.Tensor | Route, sigma: torch.Tensor | None = None,
                             score: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """mu, sigma (T, d_z) → scalar: 1 − |m₁ ∩ m₂| / |m₁| for two independent samples of
-        the same token, averaged over tokens. Whether K can matter at all: 0 when a token's
-        samples keep the same blocks (averaging K of them changes nothing), 1 − N for two
-        unrelated masks. Measured on at most `DISAGREEMENT_TOKENS` tokens spread over the
-        batch, with draws from a generator of its own, so the run's random stream and its
-        results do not change. score: the score map's (weight, bias), default this layer's."""
-        t = mu.shape[0]
+        """mu, sigma (T, d_z) of one Gaussian, or a `Route` (mu alone) → scalar:
+        1 − |m₁ ∩ m₂| / |m₁| for two independent samples of the same token, averaged over
+        tokens. Whether K can matter at all: 0 when a token's samples keep the same blocks
+        (averaging K of them changes nothing), 1 − N for two unrelated masks. Measured on at
+        most `DISAGREEMENT_TOKENS` tokens spread over the batch, with draws from a generator
+        of its own, so the run's random stream and its results do not change. score: the
+        score map's (weight, bias), default this layer's."""
+        route = mu if isinstance(mu, Route) else Route(mu.unsqueeze(1), sigma.unsqueeze(1), None)
+        t = route.mu.shape[0]
         if t == 0:
-            return mu.new_zeros(())
-        rows = torch.linspace(0, t - 1, min(t, DISAGREEMENT_TOKENS), device=mu.device).long()
-        mu, sigma = mu[rows], sigma[rows]  # at least fp32, as routing is
-        generator = torch.Generator(device=mu.device).manual_seed(0)
-        noise = torch.randn((2, *mu.shape), generator=generator, device=mu.device).to(mu.dtype)
-        z = (mu + sigma * noise).reshape(2 * rows.numel(), self.d_z)
+            return route.mu.new_zeros(())
+        device = route.mu.device
+        rows = torch.linspace(0, t - 1, min(t, DISAGREEMENT_TOKENS), device=device).long()
+        route = Route(route.mu[rows], route.sigma[rows], None if route.log_pi is None else route.log_pi[rows])
+        generator = torch.Generator(device=device).manual_seed(0)
+        noise = torch.randn((2, rows.numel(), self.d_z), generator=generator, device=device).to(route.mu.dtype)
+        z = route.sample(noise, generator).reshape(2 * rows.numel(), self.d_z)
         weight, bias = (self.score.weight, self.score.bias) if score is None else score
-        with torch.autocast(mu.device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             scores = torch.addmm(bias.to(z.dtype), z, weight.to(z.dtype).t())
         keep = top_n_mask(scores, self.n_kept).view(2, rows.numel(), self.n_blocks)
         return 1 - (keep[0] * keep[1]).sum(-1).mean() / self.n_kept
@@ -356,16 +498,17 @@ class InfiniteMoE(FFNLayer):
         chosen = torch.zeros(t, self.n_blocks, dtype=torch.bool, device=index.device)
         return chosen.scatter_(1, index.transpose(0, 1).reshape(t, k * n), True)
 
-    def _report(self, usage: torch.Tensor | Callable[[], torch.Tensor], mu: torch.Tensor,
-                sigma: torch.Tensor) -> FFNAux:
+    def _report(self, usage: torch.Tensor | Callable[[], torch.Tensor], route: Route,
+                samples_used: torch.Tensor | None = None) -> FFNAux:
         """usage (n_blocks,), or a function giving it: the share of tokens whose union of masks
-        holds each block. The KL is computed now where it is a loss term, the statistics
-        when first read."""
-        def kl_divergence() -> torch.Tensor:
-            return 0.5 * (sigma.square() + mu.square() - 1 - 2 * sigma.log()).sum(-1).mean()
-
-        loss = self.kl_weight * kl_divergence() if self.kl_weight > 0 else None
-        mu, sigma = mu.detach(), sigma.detach()
+        holds each block; samples_used (T,): each token's K in mode "adaptive". The KL is
+        computed now where it is a loss term, the statistics when first read."""
+        loss = None
+        if self.kl_weight > 0:
+            kl = route.kl()
+            loss = self.kl_weight * (kl if self.kl_free == 0 else (kl - self.kl_free).clamp_min(0)).mean()
+        route = Route(*(None if part is None else part.detach() for part in route))
+        mu, sigma = route.moments()
         # The disagreement needs the score map, whose weights FSDP holds whole only during
         # the forward: training keeps a copy (d_z × H/B numbers) for when it is read.
         score = (self.score.weight.detach().clone(), self.score.bias.detach().clone()) if self.training else None
@@ -377,12 +520,17 @@ class InfiniteMoE(FFNLayer):
                 "sigma_mean": sigma.mean(),
                 # σ against μ's own scale: noise a growing μ can outgrow shows here, not in σ
                 "sigma_over_mu": sigma.mean() / mu.square().mean().sqrt().clamp_min(1e-12),
-                "sample_disagreement": self.sample_disagreement(mu, sigma, score),
-                "kl": kl_divergence(),
+                "sample_disagreement": self.sample_disagreement(route, score=score),
+                "kl": route.kl().mean(),
                 "union_fraction": used.mean(),  # blocks a token uses, over its K samples
                 "used_fraction": (used > 0).float().mean(),  # blocks some token used
                 "block_usage": used,
-            }
+            } | ({} if samples_used is None else {
+                "samples_used": samples_used.mean(),  # mode "adaptive": the mean K a token averaged
+            }) | ({} if route.log_pi is None else {
+                # 0 when each token puts all its weight on one component: its samples share a mode
+                "component_entropy": -(route.log_pi.exp() * route.log_pi).sum(-1).mean(),
+            })
 
         return FFNAux(loss=loss, stats=stats)
 

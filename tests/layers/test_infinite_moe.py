@@ -263,7 +263,7 @@ def test_train_samples_draw_k_for_each_training_forward_only():
 def test_recipes_off_change_nothing_bit_for_bit():
     x = torch.randn(50, D, dtype=torch.float64)
     outputs = []
-    for options in ({}, dict(mu_norm=False, train_samples=())):
+    for options in ({}, dict(mu_norm=False, train_samples=(), kl_free=0.0, n_components=1)):
         layer = make(block_size=2, n_samples=2, **options)
         torch.manual_seed(1)
         y = layer(x)
@@ -325,3 +325,164 @@ def test_bad_values_rejected_on_a_built_layer():
     with pytest.raises(ConfigError, match="n_samples"):
         layer.n_samples = -1
     assert (layer.n_samples, layer.mode) == (1, "sample")
+
+
+def test_kl_free_penalises_each_tokens_kl_only_beyond_the_allowance():
+    x = torch.randn(40, D, dtype=torch.float64) * 3
+    plain, free = make(kl_weight=0.5), make(kl_weight=0.5, kl_free=0.5)  # same weights
+    plain(x), free(x)
+    mu, sigma = plain.router_distribution(x)
+    per_token = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    assert (per_token < 0.5).any() and (per_token > 0.5).any()  # the case has tokens on both sides
+    torch.testing.assert_close(plain.aux.loss, 0.5 * per_token.mean())
+    torch.testing.assert_close(free.aux.loss, 0.5 * (per_token - 0.5).clamp_min(0).mean())
+    # a token under its allowance gets no gradient from the term
+    xs = x.clone().requires_grad_()
+    free(xs)
+    free.aux.loss.backward()
+    below = per_token < 0.5
+    assert (xs.grad[below] == 0).all() and (xs.grad[~below] != 0).any()
+    with pytest.raises(ConfigError, match="kl_free"):
+        make(kl_free=-1.0)
+
+
+def two_mode_layer(pi: tuple[float, ...], **kw) -> InfiniteMoE:
+    """A mixture router whose components do not depend on x: component c has μ_c = 4 e_c
+    (far apart), a tiny σ, and weight pi[c]."""
+    c = len(pi)
+    layer = make(d_hidden=32, block_size=1, n_components=c, sigma_min=0.0, **kw)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        bias = torch.full((c, 2, DZ), -30.0, dtype=torch.float64)  # pre-softplus σ → σ ≈ 1e-13
+        bias[:, 0] = 0
+        for i in range(c):
+            bias[i, 0, i] = 4.0
+        layer.router.bias.copy_(torch.cat([bias.flatten(), torch.tensor(pi, dtype=torch.float64).log()]))
+    return layer
+
+
+def test_mixture_router_draws_each_samples_component_with_probability_pi():
+    layer = two_mode_layer((0.6, 0.3, 0.1))
+    assert layer.router.out_features == 3 * 2 * DZ + 3
+    x = torch.randn(4000, D, dtype=torch.float64)
+    z, route = layer.sample_z(x)
+    nearest = torch.cdist(z[0], route.mu[0]).argmin(-1)  # which component each sample came from
+    share = torch.bincount(nearest, minlength=3).double() / 4000
+    torch.testing.assert_close(share, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), atol=0.03, rtol=0)
+    torch.testing.assert_close(z[0], route.mu[0][nearest], atol=1e-9, rtol=0)  # z = μ_c + σ_c ε, σ tiny
+    mean, std = layer.router_distribution(x[:1])
+    torch.testing.assert_close(mean[0], (torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)[:, None]
+                                         * route.mu[0]).sum(0))
+    torch.testing.assert_close(mean[0], z[0].mean(0), atol=0.1, rtol=0)
+    torch.testing.assert_close(std[0], z[0].std(0), atol=0.05, rtol=0)
+    layer.mode = "mean"
+    torch.testing.assert_close(layer.sample_z(x[:5])[0][0], route.mu[:5, 0])  # the most probable mode
+    with pytest.raises(ConfigError, match="n_components"):
+        make(n_components=0)
+
+
+def test_mixture_samples_of_one_token_disagree_where_one_gaussian_cannot():
+    mixture = two_mode_layer((0.5, 0.5))
+    x = torch.randn(100, D, dtype=torch.float64)
+    mixture(x)
+    stats = mixture.aux.stats
+    # σ ≈ 0, so one Gaussian's two samples are one mask; the mixture's differ in half the tokens
+    assert mixture.sample_disagreement(*mixture.router_distribution(x)).item() > 0  # its moments are wide
+    single = make(d_hidden=32, block_size=1, sigma_min=0.0)
+    with torch.no_grad():
+        single.router.weight.zero_()
+        single.router.bias.copy_(mixture.router.bias[: 2 * DZ])
+    single(x)
+    assert single.aux.stats["sample_disagreement"].item() == 0
+    assert 0.1 < stats["sample_disagreement"].item() < 0.9
+    assert stats["component_entropy"].item() == pytest.approx(math.log(2))
+    assert "component_entropy" not in single.aux.stats
+
+
+def test_mixture_kl_is_the_joint_kl_from_a_uniform_component_prior():
+    layer = make(n_components=3, kl_weight=1.0)
+    x = torch.randn(20, D, dtype=torch.float64)
+    layer(x)
+    route = layer.route(x)
+    pi = route.log_pi.exp()
+    normal = torch.distributions.kl_divergence(
+        torch.distributions.Normal(route.mu, route.sigma), torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    categorical = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(probs=pi), torch.distributions.Categorical(probs=torch.full_like(pi, 1 / 3)))
+    torch.testing.assert_close(layer.aux.loss, (categorical + (pi * normal).sum(-1)).mean())
+
+
+def test_mixture_weights_learn_in_training_only():
+    layer = make(n_components=2, block_size=2)
+    x = torch.randn(30, D, dtype=torch.float64)
+    logits_rows = slice(2 * 2 * DZ, None)
+    layer(x).square().sum().backward()
+    assert layer.router.weight.grad[logits_rows].abs().sum() > 0  # straight-through Gumbel-softmax
+    layer.zero_grad()
+    layer.eval()
+    layer(x).square().sum().backward()
+    assert layer.router.weight.grad[logits_rows].abs().sum() == 0  # hard draws only
+
+
+@pytest.mark.parametrize("impl", ["full", "sparse", "masked"])
+def test_mixture_router_takes_every_path_alike(impl):
+    layer = make(n_components=3, block_size=2, n_samples=3)
+    x = torch.randn(25, D, dtype=torch.float64)
+    noise = torch.randn(3, 25, DZ, dtype=torch.float64)
+    outputs = []
+    for which in ("masked", impl):
+        layer.impl = which
+        torch.manual_seed(5)  # the component draws
+        outputs.append(layer(x, noise))
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_adaptive_keep_draws_while_samples_still_grow_the_union():
+    layer = make(d_hidden=6, block_size=1, active_fraction=1 / 3)  # 6 blocks, 2 kept
+    index = torch.tensor([  # (K = 4, T = 3, 2)
+        [[0, 1], [0, 1], [0, 1]],
+        [[1, 0], [2, 3], [1, 2]],  # token 0 repeats itself; tokens 1 and 2 grow
+        [[0, 1], [4, 5], [2, 0]],  # token 2 adds nothing: averaged in, and it stops
+        [[2, 3], [5, 4], [3, 4]],  # token 1 adds nothing only now
+    ])
+    keep = layer.adaptive_keep(index)
+    assert keep.T.tolist() == [[True, True, False, False], [True, True, True, True], [True, True, True, False]]
+    assert layer.adaptive_keep(index[:1]).tolist() == [[True, True, True]]  # K = 1: one sample each
+
+
+def test_adaptive_mode_averages_each_tokens_own_k_on_every_path():
+    layer = make(block_size=2, n_samples=6, sigma_min=0.3)  # noise wide enough to move masks
+    x = torch.randn(30, D, dtype=torch.float64)
+    noise = torch.randn(6, 30, DZ, dtype=torch.float64)
+    keep = layer.adaptive_keep(layer.select(x, noise).index)
+    counts = keep.sum(0)
+    assert counts.min() >= 2 and counts.max() > counts.min()  # tokens chose different K
+    # token t in adaptive mode = token t alone in sample mode with its first K_t draws
+    expected = torch.cat([layer(x[t:t + 1], noise[: int(counts[t]), t:t + 1]) for t in range(30)])
+    layer.mode = "adaptive"
+    for impl in ("masked", "sparse", "rows", "auto"):
+        layer.impl = impl
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x, noise), expected)
+        assert layer.aux.stats["samples_used"].item() == pytest.approx(counts.double().mean().item())
+    layer.impl = "auto"
+    y = layer(x, noise)  # trains, too
+    y.sum().backward()
+    assert layer.w_in.grad.abs().sum() > 0 and layer.score.weight.grad.abs().sum() > 0
+
+
+def test_adaptive_mode_settles_at_one_samples_blocks_when_samples_agree():
+    layer = make(d_hidden=64, block_size=1, n_samples=16, sigma_min=0.0, mode="adaptive")
+    with torch.no_grad():
+        layer.router.bias[DZ:] = -30.0  # σ ≈ 1e-13: a collapsed router
+    x = torch.randn(40, D, dtype=torch.float64)
+    layer(x)
+    stats = layer.aux.stats
+    assert stats["samples_used"].item() == 2  # the first check ends every draw
+    assert stats["union_fraction"].item() == pytest.approx(0.5)  # at K = 1's cost
+    with torch.no_grad():
+        layer.router.bias[DZ:] = 30.0  # σ ≈ 30: unrelated masks, until their union holds every unit
+    layer(x)
+    assert layer.aux.stats["samples_used"].item() > 4
+    assert layer.aux.stats["union_fraction"].item() > 0.9

@@ -32,14 +32,14 @@ def test_infmoe_under_bf16_autocast_keeps_the_fp32_blocks(impl):
     torch.manual_seed(0)
     layer = InfiniteMoE(64, 1024, d_z=16, block_size=8, n_samples=2, impl=impl)
     x, noise = torch.randn(256, 64), torch.randn(2, 256, 16)
-    seen = recording(layer, "select")
+    seen = recording(layer, "_select")  # (Selection, Route, None): what forward routed by
     y32 = layer(x, noise)
     usage32 = layer.aux.stats["block_usage"]
     with bf16_autocast():
         y16 = layer(x, noise)
     assert layer.uses_sparse() == (impl == "sparse")
     assert (y16 - y32).abs().max() > 0  # the FFN itself did run in bf16
-    fp32, bf16 = seen
+    (fp32, *_), (bf16, *_) = seen
     assert torch.equal(bf16.index, fp32.index)
     assert torch.equal(bf16.gate, fp32.gate)
     assert bf16.mu.dtype == bf16.gate.dtype == torch.float32
