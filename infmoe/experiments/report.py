@@ -10,8 +10,10 @@ The spec's ``report`` list names the sections::
 
 Kinds: ``table`` (default: parameters, tokens, validation loss and perplexity as mean ±
 std over seeds, loss spikes), ``zeroshot`` (accuracy per task with standard errors and a
-significance test against the first run), ``sweep`` (K at inference: loss and ms/token,
-plus a plot), ``curves`` (the table plus a plot of the training-loss curves), ``compare``
+significance test against the first run), ``zeroshot-sweep`` (the zero-shot accuracy of
+each run at each K of the spec's ``zeroshot_samples``, and the largest K's gain over the
+smallest with a paired test over items), ``sweep`` (K at inference: loss, accuracy,
+ms/token, the union of blocks a token computed and its mean K, plus a plot), ``curves`` (the table plus a plot of the training-loss curves), ``compare``
 (the first run's validation loss against each other run's: the difference, Welch's t,
 and whether it is lower than the other in every pair of seeds), ``cost`` (how many seed
 runs finished and the time their training steps took, summed). Each section
@@ -161,34 +163,85 @@ def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def zeroshot_sweep_section(runs: list[str], results: dict[str, list[dict]]) -> str:
+    """Per run and task, accuracy at each K (mean over seeds ± the mean of their standard
+    errors), and the largest K minus the smallest: the mean over items and seeds of the
+    per-item difference in correctness, with z = mean / its standard error (the same items
+    are scored at each K, so the test is paired and far tighter than comparing two means)."""
+    lines = []
+    for run in runs:
+        records = [r for r in results.get(run, []) if r.get("zeroshot_sweep")]
+        if not records:
+            continue
+        ks = sorted({int(k) for r in records for k in r["zeroshot_sweep"]})
+        if not lines:
+            lines = ["| run | task | " + " | ".join(f"K={k}" for k in ks) + f" | K={ks[-1]} − K={ks[0]} (paired z) |",
+                     "|---|---|" + "---|" * len(ks) + "---|"]
+        tasks = sorted(set.intersection(*(set(r["zeroshot_sweep"][str(ks[0])]) for r in records)))
+        all_differences = []
+        for task in tasks:
+            cells = []
+            for k in ks:
+                per_seed = [r["zeroshot_sweep"][str(k)][task] for r in records]
+                acc = sum(x["acc"] for x in per_seed) / len(per_seed)
+                se = math.sqrt(sum(x["acc_stderr"] ** 2 for x in per_seed)) / len(per_seed)
+                cells.append(f"{acc:.3f} ± {se:.3f}")
+            differences = [hi - lo for r in records for hi, lo in zip(r["zeroshot_sweep"][str(ks[-1])][task]["correct"],
+                                                                   r["zeroshot_sweep"][str(ks[0])][task]["correct"])]
+            all_differences += differences
+            n = records[0]["zeroshot_sweep"][str(ks[0])][task]["n"]
+            lines.append(f"| {run} | {task} (n={n}) | " + " | ".join(cells) + f" | {_paired(differences)} |")
+        lines.append(f"| {run} | all tasks, items pooled | " + " | ".join("" for _ in ks) +
+                     f" | {_paired(all_differences)} |")
+    return "\n".join(lines) if lines else "(no zero-shot results per K)"
+
+
+def _paired(differences: list[int]) -> str:
+    """Mean of per-item differences in correctness (−1, 0, 1) and its z."""
+    n = len(differences)
+    mean = sum(differences) / n
+    var = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
+    z = mean / math.sqrt(var / n) if var > 0 else 0.0
+    return f"{mean:+.3f} ({z:+.1f}{', significant' if abs(z) > 1.96 else ''})"
+
+
 def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path, link: str) -> str:
-    """Loss and ms/token for each inference setting, mean over seeds; one plot."""
+    """Loss, next-token accuracy, ms/token, the union of blocks a token computed and the
+    mean K it averaged for each inference setting, mean over seeds; one plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| run | setting | val loss | val perplexity | next-token accuracy | ms/token |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | setting | val loss | val perplexity | next-token accuracy | ms/token | union of blocks | mean K |",
+             "|---|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         records = results.get(run, [])
         if not records:
             continue
-        labels = [row["label"] for row in records[0]["sweep"]]
+        # the settings every seed has (a setting added to the spec later may be missing from old results)
+        labels = [row["label"] for row in records[0]["sweep"]
+                  if all(any(x["label"] == row["label"] for x in r["sweep"]) for r in records)]
         points = []
         for label in labels:
             rows = [next(x for x in r["sweep"] if x["label"] == label) for r in records]
             losses, ms = [x["loss"] for x in rows], [x["ms_per_token"] for x in rows]
             accuracy = _pm([x["accuracy"] for x in rows]) if all("accuracy" in x for x in rows) else "-"
+            union = (_pm([x["union_fraction"] for x in rows])
+                     if all(x.get("union_fraction") is not None for x in rows) else "-")
+            mean_k = (_pm([x["mean_samples"] for x in rows], ".2f") if rows[0].get("mean_samples") is not None
+                      else "-" if rows[0]["mode"] == "mean" else str(rows[0]["n_samples"]))
             lines.append(f"| {run} | {label} | {_pm(losses)} | {_pm([math.exp(v) for v in losses], '.1f')} | "
-                         f"{accuracy} | {_pm(ms, '.3f')} |")
+                         f"{accuracy} | {_pm(ms, '.3f')} | {union} | {mean_k} |")
             points.append((label, sum(ms) / len(ms), sum(losses) / len(losses)))
-        sampled = [p for p in points if p[0] != "mean"]
-        ax.plot([p[1] for p in sampled], [p[2] for p in sampled], "-o", label=f"{run}: K samples")
+        sampled = [p for p in points if p[0].startswith("K=")]
+        line, = ax.plot([p[1] for p in sampled], [p[2] for p in sampled], "-o", label=f"{run}: K samples")
         for label, x, y in points:
             if label == "mean":
-                ax.plot(x, y, "s", label=f"{run}: mean mode")
+                ax.plot(x, y, "s", color=line.get_color(), mfc="white", label=f"{run}: mean mode")
+            elif label.startswith("auto"):
+                ax.plot(x, y, "D", color=line.get_color(), ms=8, label=f"{run}: adaptive K")
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("ms per token (forward, 1 thread)")
     ax.set_ylabel("validation loss (nats/token)")
@@ -243,6 +296,8 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
             sections[ident] = table_section(runs, results) + f"\n\n![training loss]({link})"
         elif kind == "zeroshot":
             sections[ident] = table_section(runs, results) + "\n\n" + zeroshot_section(runs, results)
+        elif kind == "zeroshot-sweep":
+            sections[ident] = zeroshot_sweep_section(runs, results)
         elif kind == "sweep":
             sections[ident] = sweep_section(runs, results, figure, link)
         elif kind == "compare":
@@ -251,7 +306,7 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
             sections[ident] = cost_section(runs, results)
         else:
             raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: "
-                              "choose table, curves, zeroshot, sweep, compare, cost")
+                              "choose table, curves, zeroshot, zeroshot-sweep, sweep, compare, cost")
     return sections
 
 

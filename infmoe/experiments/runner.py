@@ -15,6 +15,7 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -46,21 +47,40 @@ def _echo(line: str) -> None:
     print(line, flush=True)  # progress must reach a log file as it happens
 
 
-def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, echo=_echo) -> list[str]:
+def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, reevaluate: bool = False,
+             echo=_echo) -> list[str]:
     """Run every pending job of `spec` in spec order (or those named in `only`, in that order);
-    returns the names of the jobs that finished now."""
+    returns the names of the jobs that finished now. reevaluate: instead, evaluate the
+    finished jobs named in `only` again from their checkpoints (after the spec's eval
+    settings changed), rewriting their result JSONs."""
     waiting = {job.name for job in pending(spec)}
-    todo = [job for job in (select_jobs(spec, only) if only else spec.jobs) if job.name in waiting]
+    if reevaluate:
+        if not only:
+            raise ConfigError("--reevaluate needs --only RUN,...: name the finished runs to evaluate again")
+        from infmoe.training import CHECKPOINT
+
+        todo = []
+        for job in select_jobs(spec, only):
+            checkpoint = Path(job.settings["out_dir"]) / CHECKPOINT
+            if job.name in waiting:
+                echo(f"{job.name} has not finished; run it without --reevaluate")
+            elif not checkpoint.exists():
+                echo(f"cannot re-evaluate {job.name}: {checkpoint} is gone; delete {spec.result_path(job)} to retrain it")
+            else:
+                todo.append(job)
+    else:
+        todo = [job for job in (select_jobs(spec, only) if only else spec.jobs) if job.name in waiting]
     refreshed = refresh_curves(spec)
     echo(f"{len(spec.jobs) - len(waiting)} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from their logs); "
-         f"{len(todo)} to run now, {jobs} at a time")
+         f"{len(todo)} to {'evaluate again' if reevaluate else 'run'} now, {jobs} at a time")
     finished: list[str] = []
     if not todo:
         return finished
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with the parent
     with _workers_stop_on_sigterm(), ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_job, job, spec.eval_tokens, spec.samples, str(spec.result_path(job))): job
+        futures = {pool.submit(run_job, job, spec.eval_tokens, spec.samples, str(spec.result_path(job)),
+                               adaptive=spec.adaptive, zeroshot_samples=spec.zeroshot_samples): job
                    for job in todo}
         remaining = set(futures)
         try:
@@ -104,8 +124,10 @@ def _workers_stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) -> dict[str, Any]:
-    """Train (or resume) one job, evaluate it, write its result JSON. Runs in a worker."""
+def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str, *, adaptive: int | None = None,
+            zeroshot_samples: Sequence[int] = ()) -> dict[str, Any]:
+    """Train (or resume) one job, evaluate it, write its result JSON. Runs in a worker.
+    adaptive, zeroshot_samples: as in `evaluate_job`."""
     import torch
 
     from infmoe.checkpoint import load_checkpoint
@@ -123,15 +145,18 @@ def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str) ->
         result = train(cfg, model_config)
         if result.interrupted_by:
             return {"finished": False, "summary": f"interrupted by {result.interrupted_by} at step {result.step}"}
-    record = evaluate_job(job, checkpoint, eval_tokens, samples)
+    record = evaluate_job(job, checkpoint, eval_tokens, samples, adaptive=adaptive,
+                          zeroshot_samples=zeroshot_samples)
     write_text(result_path, json.dumps(record, indent=1) + "\n")
     head = record["headline"]
     return {"finished": True, "summary": f"val loss {head['loss']:.4f} (ppl {head['perplexity']:.1f})"}
 
 
-def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int]) -> dict[str, Any]:
+def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int], *, adaptive: int | None = None,
+                 zeroshot_samples: Sequence[int] = ()) -> dict[str, Any]:
     """Everything the report needs about one finished run, evaluated on the device and in
-    the precision the run trained with."""
+    the precision the run trained with. adaptive: K_max of an adaptive-K row in the sweep
+    (∞-MoE runs); zeroshot_samples: the K values at which a zero-shot run is scored again."""
     import torch
 
     from infmoe.checkpoint import load_checkpoint
@@ -145,7 +170,8 @@ def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int
     cfg = ckpt.state["train_config"]
     device = pick_device(cfg.get("device", "auto"))
     model, tokenizer = ckpt.build_model(device).eval(), ckpt.tokenizer()
-    result = evaluate_model(model, tokenizer, cfg["data"], samples=samples, max_tokens=eval_tokens, batch_size=16,
+    result = evaluate_model(model, tokenizer, cfg["data"], samples=samples, adaptive=adaptive,
+                            max_tokens=eval_tokens, batch_size=16,
                             seq_len=cfg.get("seq_len"), cache_dir=cfg.get("cache_dir"),
                             autocast=autocast_for(cfg.get("precision", "auto"), device))
     rows, data = result.rows, result.data
@@ -171,16 +197,23 @@ def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int
     }
     if job.zeroshot:
         record["zeroshot"] = zeroshot(model, tokenizer, job.zeroshot)
+        if layers and zeroshot_samples:  # K = the trained K in sample mode is the run above
+            record["zeroshot_sweep"] = {
+                str(k): record["zeroshot"] if (k, trained_mode) == (trained_k, "sample")
+                else zeroshot(model, tokenizer, job.zeroshot, n_samples=k, mode="sample")
+                for k in zeroshot_samples}
     return record
 
 
-def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
+def zeroshot(model, tokenizer, tasks: dict[str, str], n_samples: int | None = None,
+             mode: str | None = None) -> dict[str, Any]:
     from infmoe.evaluation.tasks import load_task
     from infmoe.evaluation.zeroshot import evaluate_task
 
     out = {}
     for task, path in tasks.items():
-        result = evaluate_task(model, tokenizer, load_task(task, path), progress=False, skip_too_long=True)
+        result = evaluate_task(model, tokenizer, load_task(task, path), n_samples=n_samples, mode=mode,
+                               progress=False, skip_too_long=True)
         predictions = result.pop("predictions")
         result["correct"] = [int(p["correct"]) for p in predictions]  # per item, for paired tests
         out[task] = result
@@ -188,7 +221,7 @@ def zeroshot(model, tokenizer, tasks: dict[str, str]) -> dict[str, Any]:
 
 
 ROUTING_SERIES = ("sigma_mean", "sigma_over_mu", "sample_disagreement", "kl", "union_fraction", "usage_entropy",
-                  "ever_used_fraction", "load_balance")
+                  "ever_used_fraction", "load_balance", "component_entropy")
 # curve series name -> metrics.jsonl key, logged with each training loss
 _CURVE_SERIES = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
 

@@ -10,7 +10,9 @@ A spec is YAML::
     eval:
       tokens: 65536                      # validation tokens for loss and the K sweep
       samples: [1, 2, 4, 8, 16]          # K values swept for ∞-MoE runs (plus mean mode)
+      adaptive: 16                       # optional: add adaptive K (each token its own, up to 16)
       zeroshot: {piqa: path/to/dev.jsonl, ...}   # optional; run for runs with zeroshot: true
+      zeroshot_samples: [1, 4, 16]       # optional: zero-shot again at each K (∞-MoE runs)
     runs:
       infmoe: {config: tiny-infmoe, zeroshot: true}
       dense-active: {config: tiny-dense}
@@ -60,6 +62,8 @@ class Spec:
     samples: list[int]
     jobs: list[Job]
     report: list[dict[str, Any]] = field(default_factory=list)
+    adaptive: int | None = None  # K_max of the adaptive-K row of the sweep; None: no such row
+    zeroshot_samples: list[int] = field(default_factory=list)  # K values zero-shot runs again at
 
     def result_path(self, job: Job) -> Path:
         return self.results_dir / f"{job.name}.json"
@@ -96,6 +100,12 @@ def load_spec(path: str | Path) -> Spec:
             except ConfigError as err:
                 raise ConfigError(f"experiment spec {path}, run {run!r}: {err}") from None
             jobs.append(Job(run, seed, settings, dict(zeroshot)))
+    unknown = set(evaluation) - {"tokens", "samples", "adaptive", "zeroshot", "zeroshot_samples"}
+    if unknown:
+        raise ConfigError(f"experiment spec {path}: unknown eval keys {sorted(unknown)}")
+    adaptive = evaluation.get("adaptive")
+    if adaptive is not None and (not isinstance(adaptive, int) or isinstance(adaptive, bool) or adaptive < 1):
+        raise ConfigError(f"experiment spec {path}: eval.adaptive={adaptive!r} must be the largest K, e.g. 16")
     return Spec(path, raw.get("data", "embedded"), out_dir, Path(raw.get("results_dir", "experiments/results")),
                 int(evaluation.get("tokens", 65536)), list(evaluation.get("samples", [1, 2, 4, 8])), jobs,
-                list(raw.get("report") or []))
+                list(raw.get("report") or []), adaptive, list(evaluation.get("zeroshot_samples") or []))

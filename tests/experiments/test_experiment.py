@@ -218,3 +218,61 @@ def test_kill_stops_the_workers_too_and_leaves_a_checkpoint(tmp_path, corpus, ca
     finally:
         if grid.poll() is None:
             os.killpg(grid.pid, signal.SIGKILL)
+
+
+def test_adaptive_k_and_zeroshot_per_k_are_recorded_reported_and_reevaluated(tmp_path, corpus, cache_dir, capsys):
+    words = corpus.read_text().split()[:600]
+    task = tmp_path / "piqa.jsonl"
+    task.write_text("".join(json.dumps({"goal": " ".join(words[i:i + 6]), "sol1": " ".join(words[i + 6:i + 9]),
+                                        "sol2": " ".join(words[i + 9:i + 12]), "label": i % 2}) + "\n"
+                            for i in range(0, 480, 12)))
+    evaluation = {"tokens": 1024, "samples": [1, 2], "adaptive": 4, "zeroshot_samples": [1, 2],
+                  "zeroshot": {"piqa": str(task)}}
+    runs = {"inf": {"config": "tiny-infmoe", "block_size": 16, "sigma_min": 0.5, "zeroshot": True},
+            "dense": {"config": "tiny-dense", "zeroshot": True}}
+    report = [{"id": "Z", "kind": "zeroshot-sweep", "runs": ["inf", "dense"]}, {"id": "C", "kind": "sweep", "runs": ["inf"]}]
+    spec = write_spec(tmp_path, corpus, cache_dir, eval=evaluation, runs=runs, report=report)
+    markdown = tmp_path / "RESULTS.md"
+    assert main(["experiment", spec, "--report", str(markdown)]) == 0
+    results = tmp_path / "results"
+    inf, dense = (json.loads((results / f"{name}-seed0.json").read_text()) for name in ("inf", "dense"))
+    auto = inf["sweep"][-1]
+    assert auto["label"] == "auto (K<=4)" and auto["mode"] == "adaptive" and 2 <= auto["mean_samples"] <= 4
+    assert set(inf["zeroshot_sweep"]) == {"1", "2"} and inf["zeroshot_sweep"]["1"] == inf["zeroshot"]
+    assert inf["zeroshot_sweep"]["2"]["piqa"]["n"] == inf["zeroshot"]["piqa"]["n"] == 40
+    assert "zeroshot_sweep" not in dense and "zeroshot" in dense  # no K to turn
+    text = markdown.read_text()
+    assert "| run | task | K=1 | K=2 | K=2 − K=1 (paired z) |" in text and "| inf | piqa (n=40) |" in text
+    assert "| inf | auto (K<=4) |" in text and "| dense |" not in text.split("<!-- generated:C -->")[0]
+
+    # the eval settings change: --reevaluate evaluates the named finished run again, from its checkpoint
+    evaluation["adaptive"] = 2
+    spec = write_spec(tmp_path, corpus, cache_dir, eval=evaluation, runs=runs, report=report)
+    dense_before = (results / "dense-seed0.json").read_text()
+    capsys.readouterr()
+    assert main(["experiment", spec, "--reevaluate", "--only", "inf"]) == 0
+    assert "1 to evaluate again now" in capsys.readouterr().out
+    again = json.loads((results / "inf-seed0.json").read_text())
+    assert again["sweep"][-1]["label"] == "auto (K<=2)" and again["steps"] == inf["steps"]
+    assert [r["loss"] for r in again["sweep"][:3]] == [r["loss"] for r in inf["sweep"][:3]]  # same draws
+    assert (results / "dense-seed0.json").read_text() == dense_before
+    (tmp_path / "runs" / "dense-seed0" / "checkpoint.safetensors").unlink()
+    assert main(["experiment", spec, "--reevaluate", "--only", "dense"]) == 0
+    assert "cannot re-evaluate dense-seed0" in capsys.readouterr().out
+    assert main(["experiment", spec, "--reevaluate"]) == 2
+    assert "--reevaluate needs --only" in capsys.readouterr().err
+
+
+def test_zeroshot_sweep_section_pairs_items_by_hand():
+    from infmoe.experiments.report import zeroshot_sweep_section
+
+    def scored(correct):
+        return {"acc": sum(correct) / len(correct), "acc_stderr": 0.1, "n": len(correct), "correct": correct}
+
+    record = {"zeroshot_sweep": {"1": {"piqa": scored([0, 1, 1, 1, 0])}, "16": {"piqa": scored([1, 1, 1, 0, 1])}}}
+    lines = zeroshot_sweep_section(["inf"], {"inf": [record]}).splitlines()
+    # differences 1, 0, 0, -1, 1: mean 0.2, sample variance 0.7, z = 0.2 / sqrt(0.7 / 5) = 0.53
+    assert lines[0] == "| run | task | K=1 | K=16 | K=16 − K=1 (paired z) |"
+    assert lines[2] == "| inf | piqa (n=5) | 0.600 ± 0.100 | 0.800 ± 0.100 | +0.200 (+0.5) |"
+    assert lines[3] == "| inf | all tasks, items pooled |  |  | +0.200 (+0.5) |"
+    assert zeroshot_sweep_section(["other"], {}) == "(no zero-shot results per K)"
