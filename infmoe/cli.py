@@ -24,10 +24,10 @@ from infmoe.checkpoint import save_checkpoint
 from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
 from infmoe.errors import ConfigError, InfmoeError, choose, positive_int
-from infmoe.evaluation import evaluate_model, perplexity, plot_sweep
+from infmoe.evaluation import evaluate_model, perplexity, plot_sweep, validation_batches
 from infmoe.generation import check_sampling_args, generate
 from infmoe.device import PRECISIONS, autocast_for, pick_device, uses_bf16
-from infmoe.io import atomic_paths, check_writable_file, write_text
+from infmoe.io import atomic_paths, check_writable, check_writable_file, write_text
 from infmoe.loading import LoadedModel, load_model, model_path
 from infmoe.layers import InfiniteMoE
 from infmoe.models import config_names, get_config
@@ -136,27 +136,30 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    samples = _int_list("--samples", args.samples)
+    samples, adaptive = _samples_list("--samples", args.samples)
     positive_int("--tokens", args.tokens)
+    if adaptive:
+        positive_int("--max_samples", args.max_samples)
     out = Path(args.out) if args.out else model_path(args.checkpoint).with_suffix("").parent / "eval"
     for path in (out.with_suffix(".json"), out.with_suffix(".png")):
         check_writable_file(path)  # before the compute, not after
     loaded = load_for_inference(args.checkpoint, args.device)
-    source = args.data or loaded.data_source
-    if source is None:
-        raise ConfigError(f"{args.checkpoint} does not name its training data: pass --data SOURCE")
+    source = data_source(args.data, loaded)
     device = next(loaded.model.parameters()).device
     result = evaluate_model(loaded.model, loaded.tokenizer, source, samples=samples, modes=args.mode,
+                            adaptive=args.max_samples if adaptive else None,
                             max_tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                             cache_dir=args.cache_dir, encoding_errors=args.encoding_errors, seed=args.seed,
                             autocast=autocast_for(args.precision, device), progress=True)
     table = Table(title=f"{args.checkpoint} on {source} (validation, {result.tokens:,} tokens)")
-    for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token", "union of blocks"):
+    for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token", "union of blocks",
+                   "mean K"):
         table.add_column(column, justify="right")
     for r in result.rows:
         union = "-" if r.union_fraction is None else f"{r.union_fraction:.3f}"
+        mean_k = f"{r.mean_samples:.2f}" if r.mean_samples is not None else ("-" if r.mode == "mean" else str(r.n_samples))
         table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}",
-                      union)
+                      union, mean_k)
     _console().print(table)
     report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": result.tokens, "device": str(device),
               "precision": "bf16" if uses_bf16(args.precision, device) else "fp32",
@@ -167,16 +170,46 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
+def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    from infmoe.evaluation.inspect import inspect_model, routed_layers, sigma_curve
+
+    positive_int("--tokens", args.tokens)
+    out = check_writable(args.out)  # before the compute, not after
+    curve = sigma_curve(args.run) if args.run else None
+    loaded = load_for_inference(args.model, args.device)
+    layers = routed_layers(loaded.model, args.model)
+    source = data_source(args.data, loaded)
+    _, batches = validation_batches(loaded.model, loaded.tokenizer, source, max_tokens=args.tokens,
+                                    batch_size=args.batch_size, seq_len=args.seq_len, cache_dir=args.cache_dir,
+                                    encoding_errors=args.encoding_errors)
+    summary = inspect_model(loaded.model, loaded.tokenizer, batches, out, seed=args.seed, curve=curve,
+                            title=Path(args.model).name)
+    table = Table(title=f"routing of {args.model} on {source} (validation, {summary['tokens']:,} tokens)")
+    for column in ("layer", "units", "never chosen", "usage entropy", "same id", "neighbours", "random",
+                   "two samples", "median σ"):
+        table.add_column(column, justify="right")
+    for name, _ in layers:
+        stats = summary["layers"][name]
+        overlap = [stats["overlap"].get(k, {}).get("mean") for k in ("same token id", "neighbours", "random pairs",
+                                                                     "two samples of a token")]
+        sigma = stats.get("sigma_quantiles", {}).get("q50")
+        table.add_row(name, f"{stats['n_units']} {stats['unit']}s", f"{stats['never_chosen_share']:.1%}",
+                      f"{stats['usage_entropy']:.2f} / {stats['max_entropy']:.2f}",
+                      *("-" if v is None else f"{v:.3f}" for v in overlap + [sigma]))
+    _console().print(table)
+    print(f"wrote {out / 'index.html'}, {out / 'summary.json'} and the figures beside them")
+
+
 def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     torch.set_num_threads(positive_int("--threads", args.threads))
+    n_samples, mode = _one_sample_setting(args)
     loaded = load_for_inference(args.checkpoint, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    if args.samples is not None or args.mode is not None:
-        for layer in model.ffn_layers():
-            if isinstance(layer, InfiniteMoE):
-                layer.n_samples = args.samples or layer.n_samples
-                layer.mode = args.mode or layer.mode
+    for layer in model.ffn_layers():
+        if isinstance(layer, InfiniteMoE):
+            layer.n_samples = n_samples or layer.n_samples
+            layer.mode = mode or layer.mode
     prompt = tokenizer.encode(args.prompt)
     ids: list[int] = []
     shown = ""
@@ -239,7 +272,8 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int |
         check_writable_file(args.report)  # before the grid, not after hours of it
     if not args.report_only:
         try:
-            run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None)
+            run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None,
+                     reevaluate=args.reevaluate)
         except KeyboardInterrupt as stop:  # run_grid has said how to continue
             return 143 if str(stop) == "SIGTERM" else 130
     else:
@@ -277,11 +311,12 @@ def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
     if args.out:
         check_writable_file(args.out)  # before the compute, not after
+    n_samples, mode = _one_sample_setting(args)
     loaded = load_for_inference(args.model, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     requests = load_task(args.task, args.data, limit=args.limit)
-    result = evaluate_task(model, tokenizer, requests, batch_size=args.batch_size, n_samples=args.samples,
-                           mode=args.mode, seed=args.seed, progress=True, skip_too_long=args.skip_too_long)
+    result = evaluate_task(model, tokenizer, requests, batch_size=args.batch_size, n_samples=n_samples,
+                           mode=mode, seed=args.seed, progress=True, skip_too_long=args.skip_too_long)
     skipped = f" ({result['skipped']} too long for the context left out)" if result["skipped"] else ""
     table = Table(title=f"{args.task}: {result['n']} items from {args.data}{skipped}")
     for column in ("metric", "value", "stderr"):
@@ -304,8 +339,36 @@ def load_for_inference(path: str, device: str) -> LoadedModel:
     return loaded
 
 
+def data_source(data: str | None, loaded: LoadedModel) -> str:
+    """--data, or else the corpus the checkpoint names; a `ConfigError` where there is neither."""
+    if data is None and loaded.data_source is None:
+        raise ConfigError(f"{loaded.path} does not name its training data: pass --data SOURCE")
+    return data or loaded.data_source
+
+
 def _console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _samples_list(flag: str, text: str) -> tuple[list[int], bool]:
+    """--samples of eval: the values of K, and whether "auto" (adaptive K) is among them."""
+    values = [v for v in text.split(",") if v.strip() != "auto"]
+    return (_int_list(flag, ",".join(values)) if values else []), len(values) < len(text.split(","))
+
+
+def _one_sample_setting(args: argparse.Namespace) -> tuple[int | None, str | None]:
+    """--samples K|auto and --mode of generate and zeroshot → (n_samples, mode) for the
+    ∞-MoE layers; None keeps what the model was trained with."""
+    if args.samples is None:
+        return None, args.mode
+    if args.samples == "auto":
+        if args.mode not in (None, "adaptive"):
+            raise ConfigError(f"--samples auto chooses K per token, which --mode {args.mode} does not; drop --mode")
+        return positive_int("--max_samples", args.max_samples), "adaptive"
+    values = _int_list("--samples", args.samples)
+    if len(values) != 1:
+        raise ConfigError(f"--samples {args.samples!r}: give one K (e.g. 4) or auto")
+    return values[0], args.mode
 
 
 def _int_list(flag: str, text: str) -> list[int]:
@@ -350,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(and mean mode), timing each in the same run; writes JSON and a PNG plot.")
     _model_argument(p)
     _data_arguments(p)
-    p.add_argument("--samples", default="1,2,4,8", help="values of K, e.g. 1,2,4,8")
+    p.add_argument("--samples", default="1,2,4,8",
+                   help="values of K, e.g. 1,2,4,8; 'auto' adds adaptive K (each token its own, up to --max_samples)")
+    p.add_argument("--max_samples", "--max-samples", type=int, default=16, help="the largest K of --samples auto")
     p.add_argument("--mode", default="both", choices=("sample", "mean", "both"))
     p.add_argument("--tokens", type=int, default=131072, help="validation tokens to evaluate (from the start)")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)
@@ -361,11 +426,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output path prefix for .json and .png (default: <checkpoint folder>/eval)")
     p.set_defaults(handler=cmd_eval, overrides=False)
 
+    p = sub.add_parser("inspect", help="figures of what the router learned: usage, expert space, overlap, σ",
+                       description="Route validation tokens through an ∞-MoE or top-k MoE model and write PNG "
+                                   "figures (usage per block or expert, a PCA of the expert space, mask overlaps, "
+                                   "σ), an index.html showing them and a summary.json of every number they show "
+                                   "(docs/inspect.md).")
+    _model_argument(p, "model")
+    _data_arguments(p)
+    p.add_argument("--tokens", type=int, default=16384, help="validation tokens to route (from the start)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures, index.html and summary.json")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="the run's --out_dir: also plot σ over training from its metrics.jsonl")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="default: the model's n_ctx")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=cmd_inspect, overrides=False)
+
     p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed)",
                        description="Generate text after a prompt, streaming it to the terminal.")
     _model_argument(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--samples", type=int, default=None, help="∞-MoE samples K (default: as trained)")
+    p.add_argument("--samples", default=None,
+                   help="∞-MoE samples K, or auto: each token its own K up to --max_samples (default: as trained)")
+    p.add_argument("--max_samples", "--max-samples", type=int, default=16, help="the largest K of --samples auto")
     p.add_argument("--mode", default=None, choices=("sample", "mean"))
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -383,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_argument(p, "model")
     p.add_argument("--task", required=True, help="one of " + ", ".join(TASK_NAMES))
     p.add_argument("--data", required=True, help="the task's jsonl file in its original record layout")
-    p.add_argument("--samples", type=int, default=None, help="∞-MoE samples K (default: as trained)")
+    p.add_argument("--samples", default=None,
+                   help="∞-MoE samples K, or auto: each token its own K up to --max_samples (default: as trained)")
+    p.add_argument("--max_samples", "--max-samples", type=int, default=16, help="the largest K of --samples auto")
     p.add_argument("--mode", default=None, choices=("sample", "mean"))
     p.add_argument("--batch_size", "--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
@@ -425,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="RUN,...",
                    help="run only these runs ('infmoe') or jobs ('infmoe-seed1'), e.g. to spend a short "
                         "budget on the main comparisons first")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate the finished runs named by --only again from their checkpoints (after the "
+                        "spec's eval settings changed) and rewrite their result JSONs")
     p.set_defaults(handler=cmd_experiment, overrides=False)
 
     p = sub.add_parser("export", help="write a checkpoint in Hugging Face format (config.json + safetensors)",
@@ -451,7 +540,7 @@ def _model_argument(p: argparse.ArgumentParser, name: str = "checkpoint") -> Non
 
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a text file, a folder, a Hugging Face dataset name, or 'embedded' "
-                                   "(eval: default the checkpoint's training corpus)")
+                                   "(eval, inspect: default the checkpoint's training corpus)")
     p.add_argument("--cache_dir", "--cache-dir", default=None, help="prepared-data cache folder")
     p.add_argument("--encoding_errors", "--encoding-errors", default="strict", choices=("strict", "replace"),
                    help="non-UTF-8 bytes: fail (strict) or become U+FFFD (replace)")

@@ -68,6 +68,34 @@ def test_generate_streams_text(trained, capsys):
     assert capsys.readouterr().out == first  # seeded: the same text
 
 
+def test_samples_auto_lets_each_token_choose_its_k(trained, tmp_path, cache_dir, capsys):
+    out = tmp_path / "auto"
+    assert main(["eval", str(trained), "--samples", "1,4,auto", "--max_samples", "4", "--tokens", "1024",
+                 "--cache_dir", str(cache_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "auto (K<=4)" in printed and "mean K" in printed
+    rows = {r["label"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    auto = rows["auto (K<=4)"]
+    assert auto["mode"] == "adaptive" and 2 <= auto["mean_samples"] <= 4  # every token checks a second sample
+    assert rows["K=1"]["union_fraction"] <= auto["union_fraction"] <= rows["K=4"]["union_fraction"]
+    assert rows["K=1"]["mean_samples"] is None
+    assert main(["generate", str(trained), "--prompt", "The", "--max-new-tokens", "8", "--seed", "1",
+                 "--samples", "auto"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    data = tmp_path / "piqa.jsonl"
+    data.write_text("".join(json.dumps({"goal": f"goal {i}", "sol1": "one way", "sol2": "another", "label": i % 2})
+                            + "\n" for i in range(4)))
+    assert main(["zeroshot", str(trained), "--task", "piqa", "--data", str(data), "--samples", "auto",
+                 "--max_samples", "3"]) == 0
+    capsys.readouterr()
+    for bad, needle in ((["--samples", "auto", "--mode", "mean"], "drop --mode"), (["--samples", "1,2"], "give one K"),
+                        (["--samples", "auto", "--max_samples", "0"], "--max_samples")):
+        assert main(["generate", str(trained), "--prompt", "The", *bad]) == 2
+        one_error_line(capsys, needle)
+    assert main(["eval", str(trained), "--samples", "1,auto", "--max_samples", "0"]) == 2
+    one_error_line(capsys, "--max_samples")
+
+
 @pytest.mark.parametrize("content,needle", [
     (b"", "empty"),
     (b"\x00\x01\x02binary\x00" * 100, "binary"),

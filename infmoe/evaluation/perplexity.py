@@ -81,7 +81,8 @@ def evaluate_loss(model: torch.nn.Module, batches: Batches, device: torch.device
 
 @dataclass
 class SweepRow:
-    """One inference setting: K samples in "sample" mode, or z = μ in "mean" mode."""
+    """One inference setting: K samples in "sample" mode, z = μ in "mean" mode, or each
+    token's own K up to n_samples in "adaptive" mode."""
 
     label: str
     mode: str
@@ -93,6 +94,8 @@ class SweepRow:
     # share of blocks a token computed (the union of its K masks), over ∞-MoE layers; None
     # for models without them
     union_fraction: float | None = None
+    # mode "adaptive": the mean K a token averaged, over tokens and ∞-MoE layers
+    mean_samples: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,11 +103,12 @@ class SweepRow:
 
 @torch.no_grad()
 def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples: Sequence[int] = (1, 2, 4, 8),
-                  include_mean: bool = True, include_sample: bool = True, seed: int = 1234,
+                  include_mean: bool = True, include_sample: bool = True, adaptive: int | None = None,
+                  seed: int = 1234,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                   progress: bool = False) -> list[SweepRow]:
     """Loss, perplexity, next-token accuracy, wall-clock ms/token and the union fraction for
-    each K (and mean mode).
+    each K (and mean mode, and with `adaptive` = K_max mode "adaptive" up to that K).
 
     Settings are interleaved batch by batch, so drift in the machine's speed hits them
     all alike; ms/token is the median over batches of forward time / tokens. Each
@@ -112,10 +116,12 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
     """
     settings = [("sample", k) for k in samples] if include_sample else []
     settings += [("mean", 1)] if include_mean else []
+    settings += [("adaptive", adaptive)] if adaptive is not None else []
     model.eval()
     totals = [0.0] * len(settings)
     hits = [0] * len(settings)
     unions = [0.0] * len(settings)  # token-weighted sums of the layers' mean union fraction
+    drawn = [0.0] * len(settings)  # the same for the mean K of mode "adaptive"
     routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
     times: list[list[float]] = [[] for _ in settings]
     count = 0
@@ -132,14 +138,17 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
             hits[i] += int((logits.argmax(dim=-1) == y).sum())
             if routed:
                 unions[i] += y.numel() * sum(float(f.aux.stats["union_fraction"]) for f in routed) / len(routed)
+                if mode == "adaptive":
+                    drawn[i] += y.numel() * sum(float(f.aux.stats["samples_used"]) for f in routed) / len(routed)
         count += y.numel()
     rows = []
     for i, (mode, k) in enumerate(settings):
         loss = totals[i] / count
-        label = "mean" if mode == "mean" else f"K={k}"
+        label = {"mean": "mean", "adaptive": f"auto (K<={k})"}.get(mode, f"K={k}")
         rows.append(SweepRow(label, mode, k, loss, perplexity(loss), hits[i] / count,
                              1e3 * sorted(times[i])[len(times[i]) // 2],
-                             unions[i] / count if routed else None))
+                             unions[i] / count if routed else None,
+                             drawn[i] / count if routed and mode == "adaptive" else None))
     return rows
 
 
@@ -160,24 +169,33 @@ class Evaluation:
 MODES = ("sample", "mean", "both")
 
 
+def validation_batches(model: GPT, tokenizer: Tokenizer, source: str, *, max_tokens: int, batch_size: int = 8,
+                       seq_len: int | None = None, cache_dir: str | None = None, encoding_errors: str = "strict"
+                       ) -> tuple[PreparedData, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Corpus `source` prepared with the model's own `tokenizer`, and the first `max_tokens`
+    of its validation split as `eval_batches` of seq_len (default: the model's n_ctx)."""
+    data = prepare(source, cache_dir=cache_dir, tokenizer=tokenizer, encoding_errors=encoding_errors, progress=False)
+    return data, eval_batches(data.valid, seq_len or model.config.n_ctx, batch_size, max_tokens)
+
+
 def evaluate_model(model: GPT, tokenizer: Tokenizer, source: str, *, samples: Sequence[int] = (1, 2, 4, 8),
-                   modes: str = "both", max_tokens: int = 131072, batch_size: int = 8, seq_len: int | None = None,
+                   modes: str = "both", adaptive: int | None = None, max_tokens: int = 131072, batch_size: int = 8, seq_len: int | None = None,
                    cache_dir: str | None = None, encoding_errors: str = "strict", seed: int = 1234,
                    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                    progress: bool = False) -> Evaluation:
     """The K sweep (`sweep_samples`) of `model` on the first `max_tokens` validation tokens of
     corpus `source`, tokenized with the model's own `tokenizer`, on the model's device.
-    `modes`: "sample" (each K), "mean" (z = μ), or "both"; models without ∞-MoE layers get
-    one row. What `infmoe eval` prints and what the experiment runner records."""
+    `modes`: "sample" (each K), "mean" (z = μ), or "both"; `adaptive`: K_max of an added
+    mode "adaptive" row; models without ∞-MoE layers get one row. What `infmoe eval` prints and what the experiment runner records."""
     choose("mode", modes, MODES)
-    data = prepare(source, cache_dir=cache_dir, tokenizer=tokenizer, encoding_errors=encoding_errors, progress=False)
-    batches = eval_batches(data.valid, seq_len or model.config.n_ctx, batch_size, max_tokens)
+    data, batches = validation_batches(model, tokenizer, source, max_tokens=max_tokens, batch_size=batch_size,
+                                       seq_len=seq_len, cache_dir=cache_dir, encoding_errors=encoding_errors)
     routed = any(isinstance(f, InfiniteMoE) for f in model.ffn_layers())
     device = next(model.parameters()).device
     rows = sweep_samples(model, batches, device, samples=samples if routed else [1],
                          include_mean=routed and modes in ("mean", "both"),
                          include_sample=modes in ("sample", "both") or not routed,
-                         seed=seed, autocast=autocast, progress=progress)
+                         adaptive=adaptive if routed else None, seed=seed, autocast=autocast, progress=progress)
     return Evaluation(rows, data, batches)
 
 
@@ -195,6 +213,9 @@ def plot_sweep(rows: Sequence[SweepRow], path, title: str = "") -> None:
     for r in rows:
         if r.mode == "mean":
             ax.plot(r.ms_per_token, r.loss, "s", color="tab:orange", label="mean mode (z = μ)")
+        if r.mode == "adaptive":
+            ax.plot(r.ms_per_token, r.loss, "D", color="tab:green",
+                    label=f"adaptive K (mean {r.mean_samples:.2f})")
         ax.annotate(r.label, (r.ms_per_token, r.loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("ms per token (forward, this machine)")
     ax.set_ylabel("validation loss (nats/token)")
