@@ -116,7 +116,7 @@ def route(layer: InfiniteMoE | TopKMoE, x: torch.Tensor) -> dict[str, np.ndarray
     first, second = (pack(layer.union(pair.index[i : i + 1])) for i in range(2))
     return {"masks": pack(mask), "counts": mask.sum(0).cpu().numpy(), "space": chosen.mu.cpu().numpy(),
             "sigma": chosen.sigma.mean(-1).cpu().numpy(), "two_samples": jaccard(first, second),
-            "disagreement": layer.sample_disagreement(chosen.mu, chosen.sigma).reshape(1).cpu().numpy()}
+            "disagreement": layer.sample_disagreement(layer.route(x)).reshape(1).cpu().numpy()}  # C components too
 
 
 @torch.no_grad()

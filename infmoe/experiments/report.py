@@ -16,7 +16,9 @@ smallest with a paired test over items), ``sweep`` (K at inference: loss, accura
 ms/token, the union of blocks a token computed and its mean K, plus a plot), ``curves`` (the table plus a plot of the training-loss curves), ``compare``
 (the first run's validation loss against each other run's: the difference, Welch's t,
 and whether it is lower than the other in every pair of seeds), ``cost`` (how many seed
-runs finished and the time their training steps took, summed). Each section
+runs finished and the time their training steps took, summed), ``eval`` (the table of one
+JSON that `infmoe eval --out` wrote, named by ``file`` instead of ``runs``: e.g. a sweep
+timed alone on an idle machine). Each section
 replaces the text between ``<!-- generated:ID -->`` and ``<!-- end:ID -->`` in the
 markdown file (appended when the markers are missing), so hand-written prose around the
 tables survives a regeneration and no number in them is typed by hand.
@@ -196,6 +198,27 @@ def zeroshot_sweep_section(runs: list[str], results: dict[str, list[dict]]) -> s
     return "\n".join(lines) if lines else "(no zero-shot results per K)"
 
 
+def eval_section(path: Path) -> str:
+    """The rows of one `infmoe eval` JSON as a table, with where and how it ran."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"report section eval: cannot read {path} ({err}); run infmoe eval --out to write it") from None
+    lines = [f"`infmoe eval {report['checkpoint']}` on {report['data']} ({report['tokens']:,} validation tokens, "
+             f"{report['device']}, {report['precision']}, {report['threads']} threads)", "",
+             "| setting | val loss | next-token accuracy | ms/token | ms/token vs K=1 | union of blocks | mean K |",
+             "|---|---|---|---|---|---|---|"]
+    base = next((r["ms_per_token"] for r in report["rows"] if r["label"] == "K=1"), None)
+    for r in report["rows"]:
+        mean_k = (f"{r['mean_samples']:.2f}" if r.get("mean_samples") is not None
+                  else "-" if r["mode"] == "mean" else str(r["n_samples"]))
+        union = "-" if r.get("union_fraction") is None else f"{r['union_fraction']:.3f}"
+        ratio = f"{r['ms_per_token'] / base:.2f}" if base else "-"
+        lines.append(f"| {r['label']} | {r['loss']:.4f} | {r['accuracy']:.4f} | {r['ms_per_token']:.4f} | {ratio} | "
+                     f"{union} | {mean_k} |")
+    return "\n".join(lines)
+
+
 def _paired(differences: list[int]) -> str:
     """Mean of per-item differences in correctness (−1, 0, 1) and its z."""
     n = len(differences)
@@ -285,6 +308,11 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
     sections = {}
     for section in report:
         ident, kind, runs = section.get("id"), section.get("kind", "table"), section.get("runs", [])
+        if kind == "eval":
+            if not ident or not section.get("file"):
+                raise ConfigError(f"report section {section!r} needs an id and a file (an infmoe eval JSON)")
+            sections[ident] = eval_section(Path(section["file"]))
+            continue
         if not ident or not runs:
             raise ConfigError(f"report section {section!r} needs an id and runs")
         figure = markdown.parent / f"results-{ident}.png"
@@ -306,7 +334,7 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
             sections[ident] = cost_section(runs, results)
         else:
             raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: "
-                              "choose table, curves, zeroshot, zeroshot-sweep, sweep, compare, cost")
+                              "choose table, curves, zeroshot, zeroshot-sweep, sweep, compare, cost, eval")
     return sections
 
 

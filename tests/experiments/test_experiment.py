@@ -276,3 +276,22 @@ def test_zeroshot_sweep_section_pairs_items_by_hand():
     assert lines[2] == "| inf | piqa (n=5) | 0.600 ± 0.100 | 0.800 ± 0.100 | +0.200 (+0.5) |"
     assert lines[3] == "| inf | all tasks, items pooled |  |  | +0.200 (+0.5) |"
     assert zeroshot_sweep_section(["other"], {}) == "(no zero-shot results per K)"
+
+
+def test_eval_section_renders_an_eval_json(tmp_path):
+    from infmoe.experiments.report import build_sections
+
+    rows = [{"label": "K=1", "mode": "sample", "n_samples": 1, "loss": 2.5, "accuracy": 0.3, "ms_per_token": 0.2,
+             "union_fraction": 0.5, "mean_samples": None},
+            {"label": "auto (K<=16)", "mode": "adaptive", "n_samples": 16, "loss": 2.4, "accuracy": 0.31,
+             "ms_per_token": 0.3, "union_fraction": 0.6, "mean_samples": 2.25}]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"checkpoint": "run/ckpt", "data": "wiki", "tokens": 4096, "device": "cpu",
+                                "precision": "fp32", "threads": 2, "rows": rows}))
+    (body,) = build_sections([{"id": "idle", "kind": "eval", "file": str(path)}], {}, tmp_path / "R.md").values()
+    lines = body.splitlines()
+    assert lines[0] == "`infmoe eval run/ckpt` on wiki (4,096 validation tokens, cpu, fp32, 2 threads)"
+    assert lines[4] == "| K=1 | 2.5000 | 0.3000 | 0.2000 | 1.00 | 0.500 | 1 |"
+    assert lines[5] == "| auto (K<=16) | 2.4000 | 0.3100 | 0.3000 | 1.50 | 0.600 | 2.25 |"
+    with pytest.raises(ConfigError, match="cannot read"):
+        build_sections([{"id": "idle", "kind": "eval", "file": str(tmp_path / "none.json")}], {}, tmp_path / "R.md")
