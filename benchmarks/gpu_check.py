@@ -289,11 +289,12 @@ def correctness(opts) -> Iterator[dict]:
             layer.to(device)
             noise = torch.randn(k, shape.tokens, shape.d_z, generator=g).to(device)
             case = dict(layer="∞-MoE", B=block, K=k)
-            for precision, autocast in precisions.items():
-                ref = _guarded(lambda: _paths(layer, "masked", x, dy, autocast, noise=noise))
-                for impl in ("full", "sparse", "rows"):
-                    yield case | dict(impl=impl, precision=precision) | _compare(
-                        ref, lambda: _paths(layer, impl, x, dy, autocast, noise=noise), TOLERANCE[precision])
+            yield from _against_masked(layer, case, ("full", "sparse", "rows"), x, dy, noise, precisions)
+            if k > 1:  # each token its own K up to k: routing decides first, then the same kernels
+                layer.mode = "adaptive"
+                yield from _against_masked(layer, dict(case, layer="∞-MoE, adaptive K"), ("sparse", "rows"), x, dy,
+                                           noise, precisions)
+                layer.mode = "sample"
             yield case | dict(impl="select", precision="bf16 vs fp32") | _guarded(
                 lambda: _same_choice(lambda: layer.select(x, noise), precisions["bf16"]))
             yield case | dict(impl="threshold", precision="bf16 vs fp32") | _guarded(
@@ -307,6 +308,16 @@ def correctness(opts) -> Iterator[dict]:
             ref, lambda: _paths(moe, "grouped", x, dy, autocast), TOLERANCE[precision])
     yield case | dict(impl="choose_experts", precision="bf16 vs fp32") | _guarded(
         lambda: _same_choice(lambda: moe.choose_experts(x), precisions["bf16"]))
+
+
+def _against_masked(layer, case: dict, impls: tuple[str, ...], x, dy, noise, precisions: dict) -> Iterator[dict]:
+    """One row per (impl, precision): the impl's output and gradients against the masked
+    reference's, in that precision."""
+    for precision, autocast in precisions.items():
+        ref = _guarded(lambda: _paths(layer, "masked", x, dy, autocast, noise=noise))
+        for impl in impls:
+            yield case | dict(impl=impl, precision=precision) | _compare(
+                ref, lambda: _paths(layer, impl, x, dy, autocast, noise=noise), TOLERANCE[precision])
 
 
 def _scaled(layer):

@@ -51,7 +51,10 @@ def test_cpu_dry_run_reports_every_stage_and_goes_on_after_failures(tmp_path):
     for row in stages["generation"]["rows"]:
         assert f"| {row['setting']} | {row['path']} | float32 | 16 | {row['tokens_per_s']:.1f} |" in md
     checks = stages["correctness"]["rows"]
-    assert len(checks) == 51 and all(r["ok"] for r in checks)
+    # 3 block sizes x 2 K x 2 precisions x 3 impls, the adaptive mode's 2 impls at K = 4, 2 choice
+    # checks per case; then the top-k MoE's 2 + 1
+    assert len(checks) == 3 * (2 * 2 * 3 + 2 * 2 + 2 * 2) + 3 and all(r["ok"] for r in checks), checks
+    assert sum(r["layer"] == "∞-MoE, adaptive K" for r in checks) == 3 * 2 * 2
     for row in checks:
         if "rel" in row:
             assert f"{row['rel']:.2e} ({row['worst']})" in md
