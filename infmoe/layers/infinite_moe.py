@@ -92,6 +92,10 @@ class Route(NamedTuple):
         components = self.mu + self.sigma * noise.unsqueeze(2)  # (K, T, C, d_z)
         return (weight.unsqueeze(-1) * components).sum(2)
 
+    def rows(self, index: torch.Tensor) -> Route:
+        """The distributions of the tokens `index` (1-D)."""
+        return Route(self.mu[index], self.sigma[index], None if self.log_pi is None else self.log_pi[index])
+
     def mode_mean(self) -> torch.Tensor:
         """(T, d_z): z for mode "mean", μ of the most probable component."""
         if self.log_pi is None:
@@ -275,10 +279,17 @@ class InfiniteMoE(FFNLayer):
 
     def _select(self, x: torch.Tensor, noise: torch.Tensor | None
                 ) -> tuple[Selection, Route, torch.Tensor | None]:
-        """`select`, with p(z | x) and, in mode "adaptive", `adaptive_keep`'s (K, T) samples."""
+        """`select`, with p(z | x) and, in mode "adaptive", the (K, T) samples each token kept."""
+        if self.mode == "adaptive":
+            return self._adaptive_select(x, noise)
         z, route = self.sample_z(x, noise)
         mu, sigma = route.moments()
-        with torch.autocast(x.device.type, enabled=False):
+        index, gate = self._top_blocks(z)
+        return Selection(index, gate / z.shape[0], mu, sigma), route, None
+
+    def _top_blocks(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (..., d_z) → the kept blocks and their gates (not yet divided by K), each (..., n_kept)."""
+        with torch.autocast(z.device.type, enabled=False):
             top_score, index = routing_linear(z, self.score).topk(self.n_kept, dim=-1, sorted=False)
             if self.gate == "sigmoid":
                 gate = torch.sigmoid(top_score)
@@ -286,13 +297,52 @@ class InfiniteMoE(FFNLayer):
                 gate = top_score.softmax(dim=-1) * self.n_kept
             else:
                 gate = torch.ones_like(top_score)
-        if self.mode == "adaptive":
-            keep = self.adaptive_keep(index)  # (K, T)
-            # a sample a token stops before repeats its first sample's blocks with gate 0: the
-            # union and the mean mask are those of the samples it keeps
-            index = torch.where(keep.unsqueeze(-1), index, index[:1])
-            return Selection(index, gate * (keep / keep.sum(0)).unsqueeze(-1), mu, sigma), route, keep
-        return Selection(index, gate / z.shape[0], mu, sigma), route, None
+        return index, gate
+
+    def _adaptive_select(self, x: torch.Tensor, noise: torch.Tensor | None
+                         ) -> tuple[Selection, Route, torch.Tensor]:
+        """Mode "adaptive", in rounds over samples (not over tokens): samples 0 and 1 for every
+        token, then sample k only for the tokens whose sample k − 1 still grew their union, so
+        the routing costs the samples actually drawn. The rule is `adaptive_keep`'s, the
+        reference this is tested against. noise (K_max, T, d_z) fixes the draws. Returns the
+        selection as (K, T, n_kept) for the K rounds run (a token's samples after it stopped
+        repeat its first sample's blocks with gate 0, so the union and the mean mask are
+        those of the samples it kept), p(z | x), and the (K, T) bool samples kept."""
+        t, k_max = x.shape[0], noise.shape[0] if noise is not None else self.n_samples
+        relaxed = torch.is_grad_enabled() and self.training
+        with torch.autocast(x.device.type, enabled=False):
+            route = self.route(x)
+
+            def draw(k: int, rows: torch.Tensor | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+                part = route if rows is None else route.rows(rows)
+                eps = (noise[k:k + count] if rows is None else noise[k:k + 1, rows]) if noise is not None else None
+                if eps is None:
+                    eps = torch.randn((count, part.mu.shape[0], self.d_z), device=x.device, dtype=part.mu.dtype)
+                return self._top_blocks(part.sample(eps.to(part.mu.dtype), relaxed=relaxed))
+
+            first = min(k_max, 2)
+            index, gate = draw(0, None, first)  # (first, T, n_kept)
+            indices, gates = list(index.unbind(0)), list(gate.unbind(0))
+            keep = [torch.ones(t, dtype=torch.bool, device=x.device)] * first
+            union = torch.zeros(t, self.n_blocks, dtype=torch.bool, device=x.device).scatter_(1, index[0], True)
+            active = torch.arange(t, device=x.device)
+            for k in range(1, k_max):
+                if k >= 2:  # the tokens still drawing get sample k
+                    if active.numel() == 0:
+                        break
+                    sub_index, sub_gate = (v[0] for v in draw(k, active, 1))
+                    indices.append(indices[0].index_copy(0, active, sub_index))
+                    gates.append(gates[0].new_zeros(t, self.n_kept).index_copy(0, active, sub_gate))
+                    keep.append(torch.zeros_like(keep[0]).index_fill_(0, active, True))
+                new = torch.zeros(active.numel(), self.n_blocks, dtype=torch.bool, device=x.device)
+                new.scatter_(1, indices[k][active], True)
+                grew = (new & ~union[active]).any(-1)
+                union[active] |= new
+                active = active[grew]
+        kept = torch.stack(keep)  # (K, T)
+        gate = torch.stack(gates) * (kept / kept.sum(0)).unsqueeze(-1)
+        mu, sigma = route.moments()
+        return Selection(torch.stack(indices), gate, mu, sigma), route, kept
 
     @torch.no_grad()
     def adaptive_keep(self, index: torch.Tensor) -> torch.Tensor:
@@ -301,7 +351,8 @@ class InfiniteMoE(FFNLayer):
         of its masks; the first sample that adds none is averaged in too (its blocks are all
         computed already, so it costs nothing on the sparse path) and ends the token's draw.
         A token whose first two samples agree thus averages 2 samples over 1 sample's blocks;
-        one whose samples keep differing runs to K. Decided for every token at once."""
+        one whose samples keep differing runs to K. Decided for every token at once from all K
+        samples: the reference for the rounds `_adaptive_select` runs."""
         k, t, _ = index.shape
         masks = torch.zeros(k, t, self.n_blocks, dtype=torch.bool, device=index.device).scatter_(2, index, True)
         union = masks.cumsum(0, dtype=torch.int32) > 0  # (K, T, n_blocks): after samples 0..k

@@ -461,6 +461,10 @@ def test_adaptive_mode_averages_each_tokens_own_k_on_every_path():
     # token t in adaptive mode = token t alone in sample mode with its first K_t draws
     expected = torch.cat([layer(x[t:t + 1], noise[: int(counts[t]), t:t + 1]) for t in range(30)])
     layer.mode = "adaptive"
+    # the rounds drawn only for the tokens still drawing keep what the all-at-once rule keeps
+    rounds = layer._select(x, noise)[2]
+    assert rounds.shape[0] == counts.max() and torch.equal(rounds, keep[: rounds.shape[0]])
+    assert not keep[rounds.shape[0]:].any()
     for impl in ("masked", "sparse", "rows", "auto"):
         layer.impl = impl
         with torch.no_grad():
