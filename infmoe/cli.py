@@ -25,6 +25,7 @@ from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
 from infmoe.errors import ConfigError, InfmoeError, choose, positive_int
 from infmoe.evaluation import evaluate_model, perplexity, plot_sweep, validation_batches
+from infmoe.evaluation.perplexity import mean_k_cell
 from infmoe.generation import check_sampling_args, generate
 from infmoe.device import PRECISIONS, autocast_for, pick_device, uses_bf16
 from infmoe.io import atomic_paths, check_writable, check_writable_file, write_text
@@ -157,7 +158,7 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for r in result.rows:
         union = "-" if r.union_fraction is None else f"{r.union_fraction:.3f}"
-        mean_k = f"{r.mean_samples:.2f}" if r.mean_samples is not None else ("-" if r.mode == "mean" else str(r.n_samples))
+        mean_k = mean_k_cell(r.mode, r.n_samples, None if r.mean_samples is None else f"{r.mean_samples:.2f}")
         table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}",
                       union, mean_k)
     _console().print(table)

@@ -101,6 +101,14 @@ class SweepRow:
         return asdict(self)
 
 
+def mean_k_cell(mode: str, n_samples: int, mean_samples: str | None) -> str:
+    """The "mean K" cell of a sweep row: the measured mean (mode "adaptive", given formatted),
+    "-" in mode "mean", else the fixed K."""
+    if mean_samples is not None:
+        return mean_samples
+    return "-" if mode == "mean" else str(n_samples)
+
+
 @torch.no_grad()
 def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples: Sequence[int] = (1, 2, 4, 8),
                   include_mean: bool = True, include_sample: bool = True, adaptive: int | None = None,
@@ -219,6 +227,7 @@ def plot_sweep(rows: Sequence[SweepRow], path, title: str = "") -> None:
         ax.annotate(r.label, (r.ms_per_token, r.loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("ms per token (forward, this machine)")
     ax.set_ylabel("validation loss (nats/token)")
+    ax.ticklabel_format(axis="y", useOffset=False)  # losses as they are, not as offsets from one
     ax.set_title(title or "∞-MoE: samples K at inference")
     ax.margins(0.15)
     ax.legend(fontsize=8)

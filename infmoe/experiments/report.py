@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from infmoe.errors import ConfigError
+from infmoe.evaluation.perplexity import mean_k_cell
 from infmoe.experiments.runner import mean_std, spikes, training_minutes
 from infmoe.io import atomic_path, write_text
 
@@ -210,8 +211,8 @@ def eval_section(path: Path) -> str:
              "|---|---|---|---|---|---|---|"]
     base = next((r["ms_per_token"] for r in report["rows"] if r["label"] == "K=1"), None)
     for r in report["rows"]:
-        mean_k = (f"{r['mean_samples']:.2f}" if r.get("mean_samples") is not None
-                  else "-" if r["mode"] == "mean" else str(r["n_samples"]))
+        mean_k = mean_k_cell(r["mode"], r["n_samples"],
+                             None if r.get("mean_samples") is None else f"{r['mean_samples']:.2f}")
         union = "-" if r.get("union_fraction") is None else f"{r['union_fraction']:.3f}"
         ratio = f"{r['ms_per_token'] / base:.2f}" if base else "-"
         lines.append(f"| {r['label']} | {r['loss']:.4f} | {r['accuracy']:.4f} | {r['ms_per_token']:.4f} | {ratio} | "
@@ -253,8 +254,9 @@ def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path,
             accuracy = _pm([x["accuracy"] for x in rows]) if all("accuracy" in x for x in rows) else "-"
             union = (_pm([x["union_fraction"] for x in rows])
                      if all(x.get("union_fraction") is not None for x in rows) else "-")
-            mean_k = (_pm([x["mean_samples"] for x in rows], ".2f") if rows[0].get("mean_samples") is not None
-                      else "-" if rows[0]["mode"] == "mean" else str(rows[0]["n_samples"]))
+            mean_k = mean_k_cell(rows[0]["mode"], rows[0]["n_samples"],
+                                 None if rows[0].get("mean_samples") is None
+                                 else _pm([x["mean_samples"] for x in rows], ".2f"))
             lines.append(f"| {run} | {label} | {_pm(losses)} | {_pm([math.exp(v) for v in losses], '.1f')} | "
                          f"{accuracy} | {_pm(ms, '.3f')} | {union} | {mean_k} |")
             points.append((label, sum(ms) / len(ms), sum(losses) / len(losses)))
@@ -268,6 +270,7 @@ def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path,
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("ms per token (forward, 1 thread)")
     ax.set_ylabel("validation loss (nats/token)")
+    ax.ticklabel_format(axis="y", useOffset=False)  # losses as they are, not as offsets from one
     ax.set_title("∞-MoE: samples K at inference")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
