@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -47,30 +48,68 @@ def test_a_signal_saves_a_checkpoint_that_resumes(tmp_path, micro, sig):
     assert resumed.step == 8 and resumed.interrupted_by is None
 
 
-# At this width and learning rate the second step's loss is finite (~4e7) but its gradient
-# is not: a real divergence, nothing patched.
-DIVERGES = dict(d_model=64, lr=1e3, warmup_steps=1, log_interval=1)
+# At this width and learning rate training diverges within a few steps: a real divergence,
+# nothing patched. Which step, and whether the loss or the gradient norm goes first (nan or
+# inf), depends on the CPU's kernels, so the tests below assert the behaviour, not the path.
+# max_steps=40 keeps the learning rate near 1e3 for longer than the few steps divergence
+# takes anywhere we have seen (step 2 here, step 3 on CI's Xeon), so a slower path still gets
+# there; eval_interval=40 keeps the validation pass, which runs after a step is applied, out
+# of the way, so the step that diverges is one whose update the loop can still refuse.
+DIVERGES = dict(d_model=64, lr=1e3, warmup_steps=1, log_interval=1, max_steps=40, eval_interval=40)
+NOT_APPLIED = re.compile(r"the (gradient norm|loss) became (nan|inf|-inf) at step (\d+)\b.*so the step was not applied")
 
 
 def all_finite(path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in load_checkpoint(path).weights.values())
 
 
+def diverge_and_catch_the_model(settings: dict):
+    """Run `settings` until TrainingDiverged; → (the error's message, the live GPT as it was at
+    the raise). A global forward hook (public torch API, nothing patched) catches the model."""
+    from infmoe.models import GPT
+
+    seen = []
+
+    def catch(module, args, output):
+        if isinstance(module, GPT) and not any(m is module for m in seen):
+            seen.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(catch)
+    try:
+        with pytest.raises(TrainingDiverged) as err:
+            run(settings)
+    finally:
+        handle.remove()
+    assert len(seen) == 1, seen
+    return str(err.value), seen[0]
+
+
+def assert_stopped_before_the_update(message: str, model, checkpoint, first_step: int) -> None:
+    """The message names a non-finite loss or gradient norm at step N and says the step was
+    not applied; the checkpoint on disk is finite and of step N-1; the live model still holds
+    exactly its weights (bit for bit: no update ran after the save, so nothing may differ)."""
+    found = NOT_APPLIED.search(message)
+    assert found, message
+    step = int(found.group(3))
+    assert step >= first_step, message
+    assert f"last good checkpoint (step {step - 1})" in message and "\n" not in message, message
+    saved = load_checkpoint(checkpoint)
+    assert saved.state["step"] == step - 1
+    assert all_finite(checkpoint)
+    live = model.state_dict()
+    assert all(torch.equal(live[k].detach().cpu(), v) for k, v in saved.weights.items())
+
+
 def test_a_non_finite_gradient_stops_before_the_update(tmp_path, micro):
-    with pytest.raises(TrainingDiverged) as err:
-        run(micro(tmp_path, save_interval=1, **DIVERGES))
-    message = str(err.value)
-    assert "gradient norm became nan at step 2" in message and "step was not applied" in message, message
-    assert "last good checkpoint (step 1)" in message and "\n" not in message
-    assert load_checkpoint(tmp_path / "checkpoint.safetensors").state["step"] == 1
-    assert all_finite(tmp_path / "checkpoint.safetensors")
+    # save_interval=1: a checkpoint of every applied step, so the one on disk is the step before.
+    message, model = diverge_and_catch_the_model(micro(tmp_path, save_interval=1, **DIVERGES))
+    assert_stopped_before_the_update(message, model, tmp_path / "checkpoint.safetensors", first_step=2)
 
 
 def test_a_huge_lr_on_resume_never_overwrites_a_good_checkpoint(tmp_path, micro):
     finished, _ = run(micro(tmp_path, max_steps=4, d_model=64))
-    with pytest.raises(TrainingDiverged):
-        run(micro(tmp_path, max_steps=8, resume=True, save_interval=1, **DIVERGES))
-    assert all_finite(finished.checkpoint)
+    message, model = diverge_and_catch_the_model(micro(tmp_path, resume=True, save_interval=1, **DIVERGES))
+    assert_stopped_before_the_update(message, model, finished.checkpoint, first_step=5)
 
 
 def test_save_checkpoint_refuses_non_finite_weights_and_keeps_the_file(tmp_path, micro):
@@ -221,8 +260,10 @@ def test_metrics_jsonl_and_tensorboard(tmp_path, micro):
 
 
 def test_learns_below_the_unigram_baseline(tmp_path, micro):
-    result, _ = run(micro(tmp_path, max_steps=60, eval_interval=60, save_interval=60,
-                                   lr=1e-2, batch_size=8))
+    # 120 steps, not 60: at 60 the validation loss was only 0.004 below the unigram baseline
+    # (seed 0; seed 1 was 0.012 above it), so any other CPU's rounding could decide the test.
+    # At 120 it is 0.12 to 0.20 below for seeds 0-2 at 1 and 2 threads.
+    result, _ = run(micro(tmp_path, max_steps=120, eval_interval=120, save_interval=120, lr=1e-2, batch_size=8))
     assert result.val_loss < result.unigram_loss
 
 
