@@ -10,6 +10,12 @@ then run: "grouped" (default) as grouped matmuls over the sorted assignments wit
 backward (`infmoe.layers.grouped`, shared with ∞-MoE's sparse path), "loop" as one pair of
 matmuls per expert in a Python loop with autograd (the reference). Same result, same aux
 losses.
+
+"grouped" follows the plan of its device (`infmoe.layers.dispatch`). On the host plan
+(eager CPU) the kept assignments are counted on the host and only they are computed. On the
+static plan (CUDA, and under `torch.compile`) nothing is read on the host and every shape
+is fixed: all T·k assignments are rows, and an assignment dropped for capacity stays a row
+with gate 0, computed and contributing exactly zero. "loop" is host-only.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torch import nn
 
 from infmoe.errors import choose, divisor, invalid, positive_int, real
 from infmoe.layers.base import FFNAux, FFNLayer, at_least_fp32, gelu, init_normal_, routing_linear
-from infmoe.layers.grouped import grouped_ffn
+from infmoe.layers.dispatch import planned_device, static_plan
+from infmoe.layers.grouped import grouped_ffn, grouped_ffn_static
 
 IMPLS = ("grouped", "loop")
 
@@ -50,7 +57,8 @@ class TopKMoE(FFNLayer):
         top_k: experts per token, 1 <= k <= E.
         capacity_factor: None for dropless; else each expert takes at most
             ceil(capacity_factor · T · k / E) of the T·k assignments, in token order, and
-            drops the rest (a dropped assignment contributes zero).
+            drops the rest (a dropped assignment contributes zero; on the static plan it is
+            still computed, with gate 0, so that shapes stay fixed).
         load_balance_weight: weight of the Switch loss E · Σ_i f_i P_i (1 when balanced).
         z_loss_weight: weight of the router z-loss mean_t logsumexp(logits_t)².
         impl: "grouped" runs all experts as grouped matmuls; "loop" one expert at a time
@@ -121,17 +129,20 @@ class TopKMoE(FFNLayer):
         x2 = x.reshape(-1, self.d_model)
         t = x2.shape[0]
         logits, expert, weight = self.choose_experts(x2)
-        rows, counts, kept = self.assign(expert, t)
-        token, row_weight = rows // self.top_k, weight.reshape(-1)[rows]
-        if self.impl == "grouped":
-            y = self.grouped_experts(x2, token, kept, row_weight, expert.reshape(-1)[rows])
+        if self.impl == "grouped" and static_plan(planned_device(x.device)):
+            y, counts, kept = self.static_experts(x2, expert, weight)
         else:
-            y = self.loop_experts(x2, token, kept, row_weight)
+            rows, counts, kept = self.assign(expert, t)
+            token, row_weight = rows // self.top_k, weight.reshape(-1)[rows]
+            if self.impl == "grouped":
+                y = self.grouped_experts(x2, token, expert.reshape(-1)[rows], row_weight, kept)
+            else:
+                y = self.loop_experts(x2, token, kept, row_weight)
         self.aux = self._report(logits, counts, kept, t)
         return y.reshape(*lead, self.d_model)
 
     def assign(self, expert: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Group the T·k (token, expert) assignments by expert, dropping over capacity.
+        """Group the T·k (token, expert) assignments by expert, dropping over capacity (host plan).
 
         expert (T, k) → rows, counts, kept: rows (n_kept,) indices into the flattened
         (T·k) assignments, sorted by expert and within one expert in token order; counts
@@ -142,18 +153,51 @@ class TopKMoE(FFNLayer):
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         if self.capacity_factor is None:
             return order, counts, counts
-        capacity = math.ceil(self.capacity_factor * t * self.top_k / self.n_experts)
-        kept = counts.clamp(max=capacity)
-        # rank of each sorted assignment within its expert's run; keep the first `kept`
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(order.numel(), device=order.device) - starts.repeat_interleave(counts)
-        return order[rank < kept.repeat_interleave(counts)], counts, kept
+        capacity = self.expert_capacity(t)
+        return order[self._rank(flat_expert, order, counts) < capacity], counts, counts.clamp(max=capacity)
 
-    def grouped_experts(self, x: torch.Tensor, token: torch.Tensor, kept: torch.Tensor,
-                        row_weight: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
-        """Fast path. x (T, d); per kept assignment (rows sorted by expert): token, weight
-        and expert (rows,); kept (E,) rows per expert. → (T, d)."""
-        y = grouped_ffn(x, token, kept, row_weight, self.w_in, self.b_in, self.w_out)
+    def static_experts(self, x: torch.Tensor, expert: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fast path on the static plan: x (T, d), expert and weight (T, k) → y (T, d),
+        counts (E,) and kept (E,) as `assign` gives them, with nothing read on the host.
+
+        All T·k assignments are rows, in token order (fixed shape); one dropped for capacity
+        keeps its row with gate 0: computed, contributing exactly zero to y and to every
+        gradient, as on the host plan where it is absent.
+        """
+        flat_expert = expert.reshape(-1)
+        # bincount's output shape depends on the values: count by adding ones instead
+        ones = torch.ones_like(flat_expert)
+        counts = flat_expert.new_zeros(self.n_experts).index_add_(0, flat_expert, ones)
+        gate, kept = weight.reshape(-1), counts
+        if self.capacity_factor is not None:
+            capacity = self.expert_capacity(x.shape[0])
+            order = flat_expert.argsort(stable=True)
+            rank = torch.empty_like(order).scatter_(0, order, self._rank(flat_expert, order, counts))
+            gate, kept = torch.where(rank < capacity, gate, 0), counts.clamp(max=capacity)
+        token = torch.arange(flat_expert.numel(), device=x.device) // self.top_k
+        return self.grouped_experts(x, token, flat_expert, gate), counts, kept
+
+    def expert_capacity(self, t: int) -> int:
+        """Assignments one expert keeps at most, of T tokens' T·k."""
+        return math.ceil(self.capacity_factor * t * self.top_k / self.n_experts)
+
+    @staticmethod
+    def _rank(flat_expert: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rank (T·k,) of each assignment of `order` (sorted by expert, stable) within its
+        expert's run: 0 for the expert's first in token order."""
+        starts = torch.cumsum(counts, 0) - counts
+        return torch.arange(order.numel(), device=order.device) - starts[flat_expert[order]]
+
+    def grouped_experts(self, x: torch.Tensor, token: torch.Tensor, row_expert: torch.Tensor,
+                        row_weight: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Fast path. x (T, d); per row: token, expert and weight (rows,). kept (E,): the
+        rows per expert, rows sorted by expert (host plan); None: rows in any order, nothing
+        read on the host (static plan). → (T, d)."""
+        if kept is None:
+            y = grouped_ffn_static(x, token, row_expert, row_weight, self.w_in, self.b_in, self.w_out)
+        else:
+            y = grouped_ffn(x, token, kept, row_weight, self.w_in, self.b_in, self.w_out)
         # Output biases: Σ over a token's assignments of weight · b_out[expert], as one matmul.
         combine = x.new_zeros(x.shape[0], self.n_experts).index_put((token, row_expert), row_weight)
         return y + combine.to(y.dtype) @ self.b_out.to(y.dtype)
@@ -203,6 +247,7 @@ class TopKMoE(FFNLayer):
 
     def flops_per_token(self, n_samples: int = 1, union: float | None = None,
                         executed: bool = False) -> float:
-        # Both paths compute exactly the k chosen experts (fewer only where capacity drops).
+        # Both paths compute exactly the k chosen experts (fewer only where capacity drops, on
+        # the host plan: the static plan computes dropped assignments too, with gate 0).
         router = 2 * self.d_model * self.n_experts
         return router + self.top_k * 2 * 2 * self.d_model * self.d_expert

@@ -3,6 +3,8 @@
 Outputs, the input gradient and every parameter gradient, in float64 (tolerance 1e-8, where
 the grouped matmul runs as its loop fallback) and float32 (1e-5, where d and B are multiples
 of 4 so `torch._grouped_mm` itself runs; B = 3 exercises the fallback in float32 too).
+The top-k grouped path runs on both plans: the host's, and the static one (CUDA's, on CPU
+tensors); `test_grouped.py` holds the static executor itself to the host one.
 """
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from infmoe import ConfigError, InfiniteMoE, TopKMoE
 from infmoe.layers import grouped
+from infmoe.layers.dispatch import plan_device
 from infmoe.layers.grouped import GroupedFFN, grouped_mm_loop, grouped_mm, plan_chunks
 from paths import D, DZ, TOL, assert_mean_mode_with_leading_shapes_match, assert_same, infmoe, inputs, run
 
@@ -82,13 +85,19 @@ def test_infmoe_sparse_under_cpu_autocast_runs_in_bf16_with_fp32_gradients():
     torch.testing.assert_close(fast["grad w_in"], ref["grad w_in"], rtol=0.05, atol=0.05)
 
 
+# The top-k layer's grouped path on each plan: the host's (eager CPU), and the static one
+# (CUDA's, here run on CPU tensors), where the loop reference stays on the host plan.
+PLANS = dict(argvalues=[None, "cuda"], ids=["host-plan", "static-plan"])
+
+
+@pytest.mark.parametrize("plan", **PLANS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "options",
     [dict(top_k=2), dict(top_k=1), dict(top_k=4), dict(top_k=2, capacity_factor=0.5), dict(top_k=1, capacity_factor=1.0)],
     ids=["k2", "k1", "k=E", "k2-drops", "k1-drops"],
 )
-def test_topk_grouped_equals_loop(dtype, options, chunking):
+def test_topk_grouped_equals_loop(dtype, options, plan, chunking):
     torch.manual_seed(0)
     layer = TopKMoE(D, 32, n_experts=4, **options).to(dtype)
     layer.reset_parameters(std=0.3)
@@ -97,7 +106,8 @@ def test_topk_grouped_equals_loop(dtype, options, chunking):
     ref_stats = layer.aux.stats
     if "capacity_factor" in options:
         assert ref_stats["dropped_fraction"] > 0
-    fast = run(layer, "grouped", x, dy)
+    with plan_device(plan):
+        fast = run(layer, "grouped", x, dy)
     assert_same(fast, ref, TOL[dtype])
     for key, value in ref_stats.items():
         torch.testing.assert_close(layer.aux.stats[key], value, rtol=0, atol=1e-12)
@@ -145,12 +155,7 @@ def count_grouped_mm(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("device,dtype", [
-    ("cpu", torch.float32), ("cpu", torch.float64),
-    pytest.param("cuda", torch.bfloat16,
-                 marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                           reason="needs a CUDA device: the bf16 grouped-GEMM kernel runs only there")),
-], ids=["grouped_mm", "loop", "cuda-grouped_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64-loop", "bf16"])
 @pytest.mark.parametrize("chunk_rows", [None, 1, 4])
 @pytest.mark.parametrize("transposed_w1", [False, True])
 def test_grouped_ffn_gives_groups_without_rows_exactly_zero_gradients(
@@ -192,8 +197,9 @@ def test_infmoe_blocks_no_token_chose_get_exactly_zero_gradients(dtype, chunking
         assert (grad[~unused].reshape(-1, 4, *grad.shape[1:]).flatten(1).abs().sum(1) > 0).all(), name
 
 
+@pytest.mark.parametrize("plan", **PLANS)
 @pytest.mark.parametrize("dtype", **PATHS)
-def test_topk_experts_no_token_chose_get_exactly_zero_gradients(dtype, chunking, monkeypatch):
+def test_topk_experts_no_token_chose_get_exactly_zero_gradients(dtype, plan, chunking, monkeypatch):
     calls = count_grouped_mm(monkeypatch)
     torch.manual_seed(0)
     layer = TopKMoE(D, 32, n_experts=4, top_k=2).to(dtype)
@@ -201,7 +207,8 @@ def test_topk_experts_no_token_chose_get_exactly_zero_gradients(dtype, chunking,
     with torch.no_grad():  # positive inputs, so experts 1 and 2 win every token, 0 and 3 none
         layer.router.weight.copy_(torch.tensor([-1.0, 1.0, 2.0, -2.0], dtype=dtype)[:, None].expand(4, D))
     x, dy, _ = inputs(dtype, 1)
-    grads = run(layer, "grouped", x.abs() + 0.1, dy)
+    with plan_device(plan):
+        grads = run(layer, "grouped", x.abs() + 0.1, dy)
     assert bool(calls) == (dtype == torch.float32)
     assert layer.aux.stats["expert_load"].tolist() == [0.0, 0.5, 0.5, 0.0]
     for name in ("grad w_in", "grad b_in", "grad w_out", "grad b_out"):

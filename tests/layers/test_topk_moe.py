@@ -1,10 +1,15 @@
 import math
+from collections import Counter
+from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dispatch_count import count_data_dependent_ops
 from infmoe import ConfigError, TopKMoE
+from infmoe.layers.dispatch import plan_device
+from infmoe.layers.grouped import grouped_mm_contract
 
 D, E = 6, 4
 
@@ -129,3 +134,69 @@ def test_bad_options_raise_one_clear_error(kwargs, field):
     with pytest.raises(ConfigError) as err:
         make(**kwargs)
     assert str(err.value).startswith(field + "=")
+
+
+# --- the static plan (CUDA's, run on CPU tensors) -----------------------------------------
+
+PLAN_OPTIONS = dict(argvalues=[{}, dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
+
+
+def static_layer(dtype=torch.float32, **kw) -> TopKMoE:
+    """d = 16, B = 8: 16-byte aligned rows in bf16, so the grouped kernel takes them."""
+    torch.manual_seed(0)
+    layer = TopKMoE(16, 32, n_experts=4, top_k=2, **kw).to(dtype)
+    layer.reset_parameters(std=0.3)
+    return layer
+
+
+def step(layer: TopKMoE, x: torch.Tensor, dy: torch.Tensor, forward=None) -> dict[str, torch.Tensor]:
+    """Output, gradients, aux loss and stats of one forward+backward (of `forward`, by
+    default the layer's own)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_()
+    y = (layer if forward is None else forward)(x)
+    y.backward(dy)
+    grads = {f"grad {n}": p.grad for n, p in layer.named_parameters()}
+    return {"y": y.detach(), "grad x": x.grad, "loss": layer.aux.loss.detach()} | grads | layer.aux.stats
+
+
+def step_inputs(dtype=torch.float32, t=37):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(t, 16, generator=g).to(dtype), torch.randn(t, 16, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("options", **PLAN_OPTIONS)
+def test_static_plan_equals_the_host_plan(options, dtype):
+    """Same output and gradients; the same aux loss and stats to the bit (the same counts)."""
+    layer = static_layer(dtype, **options)
+    host = step(layer, *step_inputs(dtype))
+    if options:
+        assert host["dropped_fraction"] > 0
+    with plan_device("cuda"):
+        static = step(layer, *step_inputs(dtype))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for key, value in host.items():
+        bound = 0 if key in layer.aux.stats or key == "loss" else tol
+        torch.testing.assert_close(static[key], value, rtol=bound, atol=bound, msg=key)
+
+
+def test_static_plan_compiles_whole_with_backward():
+    """fullgraph (no graph break) forward and backward, dropping over capacity; equals eager."""
+    layer = static_layer(capacity_factor=0.5)
+    eager = step(layer, *step_inputs())
+    compiled = step(layer, *step_inputs(), forward=torch.compile(layer, backend="aot_eager", fullgraph=True))
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-kernel-contract"])
+@pytest.mark.parametrize("options", **PLAN_OPTIONS)
+def test_static_plan_reads_nothing_on_the_host(options, dtype):
+    layer = static_layer(dtype, **options)
+    x, dy = step_inputs(dtype)
+    # the count sees what the host plan reads: bincount's shape, the counts, the kept rows
+    host = count_data_dependent_ops(lambda: step(layer, x, dy))
+    assert host["aten.bincount.default"] == 1 and host["Tensor.tolist"] >= 1
+    with plan_device("cuda"), grouped_mm_contract() if dtype == torch.bfloat16 else nullcontext():
+        assert count_data_dependent_ops(lambda: step(layer, x, dy)) == Counter()
