@@ -6,8 +6,9 @@ of page faults each time it is made, often more than the arithmetic that fills i
 `torch.ge` into a fresh tensor: 23 ms; into a reused one: 4 ms, 2 CPU threads). The fast
 paths therefore write temporaries that do not outlive the call (never tensors saved for
 backward or returned) into buffers kept here, one per name and thread, grown to the
-largest size asked for. On CUDA the caching allocator already reuses memory: plain
-`torch.empty` there.
+largest size asked for. On CUDA the caching allocator already reuses memory, and under
+`torch.compile` the buffers (per-thread Python state) cannot be traced while the compiler
+plans memory itself: plain `torch.empty` in both cases.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ _local = threading.local()
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor of `shape` that stays valid until the next `scratch(name, ...)`
-    call of this thread."""
-    if device.type != "cpu":
+    call of this thread (a fresh tensor on other devices and while `torch.compile` traces)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = getattr(_local, "buffers", None)
     if buffers is None:

@@ -1,11 +1,15 @@
 """The full-width path (`infmoe.layers.full_width`) equals the masked reference: outputs,
 the input gradient and every parameter gradient, for K >= 1, per-unit and block routing,
-both gates it serves, mean mode, ties at the top-N threshold and bf16 autocast."""
+both gates it serves, mean mode, ties at the top-N threshold and bf16 autocast. It compiles
+whole and equals itself compiled, reads nothing on the host, and saves for backward about
+as much at K = 16 as at K = 1."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from infmoe.layers.full_width import top_n_mask
+from infmoe.layers.full_width import full_width_ffn, saved_bytes, top_n_mask
+from infmoe.layers.scratch import scratch
 from paths import TOL, assert_mean_mode_with_leading_shapes_match, assert_same, infmoe, inputs, run
 
 
@@ -28,18 +32,55 @@ def test_full_in_mean_mode_and_with_leading_shapes():
     assert_mean_mode_with_leading_shapes_match("full", block_size=1)
 
 
-def test_the_softmax_gate_takes_the_reference_under_full():
-    layer = infmoe(torch.float64, block_size=1, gate="softmax")
-    x, dy, noise = inputs(torch.float64, 2)
-    assert_same(run(layer, "full", x, dy, noise=noise), run(layer, "masked", x, dy, noise=noise), 1e-12)
-
-
 def test_ties_at_the_threshold_keep_exactly_n_as_topk_does():
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 1.0, 2.0, 0.5, 4.0]])
     keep = top_n_mask(scores, 2)  # row 0: three scores tie for the last place
     assert keep.sum(-1).tolist() == [2, 2]
     expected = torch.zeros_like(scores).scatter_(1, scores.topk(2, -1, sorted=False).indices, 1.0)
     assert torch.equal(keep, expected)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's data on the host (a sync on a GPU, a graph break
+    or a data-dependent shape under torch.compile)."""
+
+    READS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.item, torch.ops.aten.nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_top_n_mask_reads_nothing_on_the_host_even_with_ties():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0], [3.0, 1.0, 2.0, 0.5, 4.0]])
+    with HostReads() as reads:
+        keep = top_n_mask(scores, 2)
+    assert reads.seen == []
+    assert keep.sum(-1).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_full_width_forward_and_backward_read_nothing_on_the_host(k):
+    (x, z, *weights), score, n_blocks = ffn_inputs(k, block=4)
+    with HostReads() as reads:
+        y, _ = full_width_ffn(x, z, score, *weights, n_blocks // 2)
+        y.sum().backward()
+    assert reads.seen == []
+    assert z.grad is not None and score.weight.grad is not None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_all_scores_equal_with_k_samples_matches_the_reference(k):
+    layer = infmoe(torch.float64, block_size=1)
+    with torch.no_grad():
+        layer.score.weight.zero_()  # every sample of every token ties on all units
+    x, dy, noise = inputs(torch.float64, k)
+    assert_same(run(layer, "full", x, dy, noise=noise), run(layer, "masked", x, dy, noise=noise), 1e-8)
 
 
 def test_all_scores_equal_still_keeps_n_and_matches_the_reference():
@@ -70,11 +111,72 @@ def test_full_under_bf16_autocast_keeps_the_fp32_blocks(k):
         torch.testing.assert_close(fast[key], ref[key], rtol=0.1, atol=0.05 * ref[key].abs().max().item(), msg=key)
 
 
-def test_auto_takes_full_for_per_unit_training_and_rows_for_one_token_decoding():
-    layer = infmoe(torch.float32, d_hidden=96, block_size=1)
-    assert layer.plan(tokens=2048, n_samples=1, grad=True) == "full"
-    assert layer.plan(tokens=1, n_samples=1, grad=False) == "rows"
-    assert layer.plan(tokens=1, n_samples=16, grad=False) == "rows"
-    assert layer.plan(tokens=2, n_samples=1, grad=False) == "full"  # reading every row once is cheaper
-    assert layer.plan(tokens=16, n_samples=1, grad=False) == "full"
-    assert infmoe(torch.float32, d_hidden=1024, block_size=128).plan(2048, 1, True) == "sparse"
+def ffn_inputs(k: int, block: int, d: int = 16, hidden: int = 48, d_z: int = 4, t: int = 37, seed: int = 0):
+    """Leaves for `full_width_ffn`: x (T, d), z (K, T, d_z), the score map and the FFN weights."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = hidden // block
+    score = torch.nn.Linear(d_z, n_blocks)
+    with torch.no_grad():
+        score.weight.copy_(torch.randn(n_blocks, d_z, generator=g))
+        score.bias.copy_(torch.randn(n_blocks, generator=g))
+    weights = [torch.randn(hidden, d, generator=g) * 0.3, torch.randn(hidden, generator=g) * 0.3,
+               torch.randn(hidden, d, generator=g) * 0.3, torch.randn(d, generator=g) * 0.3]
+    x = torch.randn(t, d, generator=g)
+    z = torch.randn(k, t, d_z, generator=g)
+    return [u.requires_grad_() for u in (x, z, *weights)], score, n_blocks
+
+
+@pytest.mark.parametrize("precision, gate", [("fp32", "sigmoid"), ("fp32", "constant"), ("bf16", "sigmoid")])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("block", [1, 4])
+def test_compiles_whole_and_equals_eager(precision, gate, k, block):
+    (x, z, w_in, b_in, w_out, b_out), score, n_blocks = ffn_inputs(k, block)
+    leaves = [x, z, score.weight, score.bias, w_in, b_in, w_out, b_out]
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+
+    def forward(x, z):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            return full_width_ffn(x, z, score, w_in, b_in, w_out, b_out, n_blocks // 2,
+                                  sigmoid=gate == "sigmoid")
+
+    def step(forward):  # the backward compiles with the forward (AOTAutograd)
+        y, usage = forward(x, z)
+        return y, usage, torch.autograd.grad(y, leaves, dy.to(y.dtype), allow_unused=True)
+
+    torch._dynamo.reset()
+    eager = step(forward)
+    compiled = step(torch.compile(forward, backend="aot_eager", fullgraph=True))
+    tol = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(compiled[0], eager[0], **tol)
+    assert torch.equal(compiled[1], eager[1])  # usage: the same selection
+    names = ("x", "z", "A", "c", "w_in", "b_in", "w_out", "b_out")
+    for leaf, got, expected in zip(names, compiled[2], eager[2]):
+        assert (got is None) == (expected is None) == (gate == "constant" and leaf in ("z", "A", "c")), leaf
+        if expected is not None:
+            torch.testing.assert_close(got, expected, **tol, msg=leaf)
+
+
+def test_scratch_under_compile_leaves_the_eager_buffers_alone():
+    held = scratch("test.compile", (3,), torch.float32, torch.device("cpu")).fill_(0.0)
+
+    def twice(x):
+        return torch.mul(x, 2, out=scratch("test.compile", x.shape, x.dtype, x.device)) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(twice, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    assert torch.equal(held, torch.zeros(3))  # a fresh tensor in the graph, not the thread's buffer
+
+
+def test_saved_for_backward_hardly_grows_with_k():
+    """At d = 16, H = 512 per-unit, 64 tokens the FFN's own saved tensors are a few
+    (T, H) and (H, d) ones (474 KB at K = 1, 555 KB at K = 16); one (K · T, n_blocks) fp32
+    gate tensor, as the Function once kept, would add 15 · T · n_blocks · 4 bytes (1.97 MB)
+    from K = 1 to K = 16."""
+    saved = {}
+    for k in (1, 16):
+        (x, z, *weights), score, n_blocks = ffn_inputs(k, block=1, d=16, hidden=512, t=64)
+        saved[k] = saved_bytes(lambda: full_width_ffn(x, z, score, *weights, n_blocks // 2))
+    per_sample_gates = 15 * 64 * n_blocks * 4
+    assert saved[1] + per_sample_gates > 1.25 * saved[1]  # the budget below rules that out
+    assert saved[16] <= 1.25 * saved[1], saved
