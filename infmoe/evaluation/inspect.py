@@ -114,8 +114,9 @@ def route(layer: InfiniteMoE | TopKMoE, x: torch.Tensor) -> dict[str, np.ndarray
     with sampling(layer, mode="sample"):  # two single samples of each token, also in mean mode
         pair = layer.select(x, noise=torch.randn((2, x.shape[0], layer.d_z), device=x.device))
     first, second = (pack(layer.union(pair.index[i : i + 1])) for i in range(2))
-    return {"masks": pack(mask), "counts": mask.sum(0).cpu().numpy(), "space": chosen.mu.cpu().numpy(),
-            "sigma": chosen.sigma.mean(-1).cpu().numpy(), "two_samples": jaccard(first, second),
+    mu, sigma = layer.router_distribution(x)
+    return {"masks": pack(mask), "counts": mask.sum(0).cpu().numpy(), "space": mu.cpu().numpy(),
+            "sigma": sigma.mean(-1).cpu().numpy(), "two_samples": jaccard(first, second),
             "disagreement": layer.sample_disagreement(layer.route(x)).reshape(1).cpu().numpy()}  # C components too
 
 

@@ -12,7 +12,7 @@ import inspect
 from infmoe.errors import ConfigError, choose, invalid
 from infmoe.layers.base import FFNAux, FFNLayer
 from infmoe.layers.dense import DenseMLP
-from infmoe.layers.infinite_moe import InfiniteMoE, sampling
+from infmoe.layers.infinite_moe import InfiniteMoE, draw_train_samples, sampling
 from infmoe.layers.topk_moe import TopKMoE
 
 FFN_TYPES: dict[str, type[FFNLayer]] = {
@@ -44,4 +44,4 @@ def build_ffn(ffn: str, d_model: int, d_hidden: int, options: dict | None = None
 
 
 __all__ = ["FFN_TYPES", "FFNAux", "FFNLayer", "DenseMLP", "TopKMoE", "InfiniteMoE",
-           "sampling", "build_ffn", "ffn_option_names"]
+           "sampling", "draw_train_samples", "build_ffn", "ffn_option_names"]

@@ -26,12 +26,16 @@ class FFNAux:
            Given as a dict, or as a function that makes one, called on first access: while
            decoding nobody reads them, and a dozen small reductions per layer and token
            would cost more than some of the FFN.
+    path:  the execution path that ran (`infmoe.layers.dispatch.PATHS`), for routed layers
+           with more than one; None otherwise.
     """
 
     def __init__(self, loss: torch.Tensor | None = None,
-                 stats: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None) -> None:
+                 stats: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None,
+                 path: str | None = None) -> None:
         self.loss = loss
         self._stats = {} if stats is None else stats
+        self.path = path
 
     @property
     def stats(self) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from infmoe.training.distributed import (
     World, all_reduce_sum, full_state, gradient_sync, init_world, load_optimizer_state, shutdown, weights_finite, wrap)
 from infmoe.training.metrics import MetricsLog, RoutingMonitor
 from infmoe.training.optim import build_optimizer, lr_at
+from infmoe.training.step import clip_gradients, micro_step
 
 # Settings a resumed run must share with the run it continues, or its losses would differ.
 # Not `data`: the prepared tokens are compared instead, so a moved corpus still resumes.
@@ -169,16 +170,15 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     x, y = sampler.batch(step, micro, cfg.batch_size, cfg.grad_accum, world.rank, world.world_size)
-                    with gradient_sync(engine, world, micro == cfg.grad_accum - 1), autocast():
-                        out = forward(x.to(device), y.to(device))
-                        (out.loss / cfg.grad_accum).backward()
+                    with gradient_sync(engine, world, micro == cfg.grad_accum - 1):
+                        out = micro_step(model, forward, x.to(device), y.to(device), micro_batches=cfg.grad_accum,
+                                         autocast=autocast)
                     loss_sum += out.loss.detach()
                     monitor.update(model.routing_stats())
                 loss = all_reduce_sum(loss_sum, world).item() / (cfg.grad_accum * world.world_size)
                 if not math.isfinite(loss):
-                    diverged(f"the loss became {loss} at step {step + 1}")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+                    diverged(f"the loss became {loss} at step {step + 1}, so the step was not applied")
+                grad_norm = clip_gradients(model, cfg.grad_clip)
                 # A finite loss can still have a non-finite gradient; clipping by an infinite norm
                 # multiplies by 0 · inf = NaN, so the update would write NaN into every weight.
                 if not torch.isfinite(grad_norm):

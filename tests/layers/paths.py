@@ -26,9 +26,9 @@ def assert_same(fast: dict, ref: dict, tol: float) -> None:
         torch.testing.assert_close(fast[key], expected, rtol=tol, atol=tol, msg=key)
 
 
-def infmoe(dtype, **kw) -> InfiniteMoE:
+def infmoe(dtype, device="cpu", **kw) -> InfiniteMoE:
     torch.manual_seed(0)
-    layer = InfiniteMoE(D, kw.pop("d_hidden", 48), d_z=DZ, **kw).to(dtype)
+    layer = InfiniteMoE(D, kw.pop("d_hidden", 48), d_z=DZ, **kw).to(device, dtype)
     layer.reset_parameters(std=0.3)  # O(1) activations, so the tolerances mean something
     with torch.no_grad():  # the init leaves the biases zero; a path that drops one must show it
         for bias in (layer.b_in, layer.b_out, layer.router.bias, layer.score.bias):
@@ -36,14 +36,15 @@ def infmoe(dtype, **kw) -> InfiniteMoE:
     return layer
 
 
-def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False):
+def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False, device="cpu"):
+    """x, dy (t, D) and noise (k, t, DZ), drawn on the CPU (the same numbers on any device)."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(t, D, generator=g, dtype=dtype)
     dy = torch.randn(t, D, generator=g, dtype=dtype)
     noise = torch.randn(k, t, DZ, generator=g, dtype=dtype)
     if repeat_noise:  # the first half of the tokens draw the same z K times: nothing new
         noise[:, : t // 2] = noise[:1, : t // 2]
-    return x, dy, noise
+    return x.to(device), dy.to(device), noise.to(device)
 
 
 def assert_mean_mode_with_leading_shapes_match(impl: str, block_size: int) -> None:

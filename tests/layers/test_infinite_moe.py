@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from infmoe import ConfigError, DenseMLP, InfiniteMoE, sampling
+from infmoe.layers.adaptive import adaptive_select
 
 D, H, DZ = 8, 24, 4
 
@@ -52,7 +53,7 @@ def test_keeps_exactly_ceil_fraction_of_blocks_per_sample(d_hidden, block_size, 
     expected = math.ceil(Fraction(fraction).limit_denominator(1000) * n_blocks)
     assert layer.n_kept == expected
     x = torch.randn(50, D, dtype=torch.float64)
-    index, gate, _, _ = layer.select(x, torch.randn(3, 50, DZ, dtype=torch.float64))
+    index, gate = layer.select(x, torch.randn(3, 50, DZ, dtype=torch.float64))
     assert index.shape == (3, 50, expected)
     # distinct blocks within each sample, so the mask of one sample has exactly n_kept blocks
     assert (index.sort(dim=-1).values.diff(dim=-1) > 0).all()
@@ -224,7 +225,7 @@ def test_sample_disagreement_leaves_the_random_stream_alone():
 def test_mu_norm_routes_with_mu_at_the_priors_scale():
     plain, normed = make(block_size=2), make(block_size=2, mu_norm=True)  # same weights
     x = torch.randn(30, D, dtype=torch.float64) * 50  # a large μ, as trained routers grow
-    raw_mu, raw_sigma = (plain.router(x)).chunk(2, dim=-1)
+    raw_mu, raw_sigma = F.linear(x, plain.router.weight, plain.router.bias).chunk(2, dim=-1)
     mu, sigma = plain.router_distribution(x)
     assert torch.equal(mu, raw_mu)  # off: the paper's router, untouched
     mu_n, sigma_n = normed.router_distribution(x)
@@ -366,7 +367,8 @@ def test_mixture_router_draws_each_samples_component_with_probability_pi():
     layer = two_mode_layer((0.6, 0.3, 0.1))
     assert layer.router.out_features == 3 * 2 * DZ + 3
     x = torch.randn(4000, D, dtype=torch.float64)
-    z, route = layer.sample_z(x)
+    route = layer.route(x)
+    z = layer.sample_z(route, 1)
     nearest = torch.cdist(z[0], route.mu[0]).argmin(-1)  # which component each sample came from
     share = torch.bincount(nearest, minlength=3).double() / 4000
     torch.testing.assert_close(share, torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), atol=0.03, rtol=0)
@@ -377,7 +379,7 @@ def test_mixture_router_draws_each_samples_component_with_probability_pi():
     torch.testing.assert_close(mean[0], z[0].mean(0), atol=0.1, rtol=0)
     torch.testing.assert_close(std[0], z[0].std(0), atol=0.05, rtol=0)
     layer.mode = "mean"
-    torch.testing.assert_close(layer.sample_z(x[:5])[0][0], route.mu[:5, 0])  # the most probable mode
+    torch.testing.assert_close(layer.sample_z(layer.route(x[:5]), 1)[0], route.mu[:5, 0])  # the most probable mode
     with pytest.raises(ConfigError, match="n_components"):
         make(n_components=0)
 
@@ -462,7 +464,7 @@ def test_adaptive_mode_averages_each_tokens_own_k_on_every_path():
     expected = torch.cat([layer(x[t:t + 1], noise[: int(counts[t]), t:t + 1]) for t in range(30)])
     layer.mode = "adaptive"
     # the rounds drawn only for the tokens still drawing keep what the all-at-once rule keeps
-    rounds = layer._select(x, noise)[2]
+    rounds = adaptive_select(layer, x, noise)[3]
     assert rounds.shape[0] == counts.max() and torch.equal(rounds, keep[: rounds.shape[0]])
     assert not keep[rounds.shape[0]:].any()
     for impl in ("masked", "sparse", "rows", "auto"):

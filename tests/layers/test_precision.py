@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from infmoe import InfiniteMoE, TopKMoE
-from infmoe.layers import grouped
+from infmoe.layers import grouped, infinite_moe
+from infmoe.layers.dispatch import plan_device
+from infmoe.layers.routing import top_blocks
 from infmoe.layers.grouped import grouped_ffn
 
 
@@ -14,35 +16,30 @@ def bf16_autocast():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def recording(layer: torch.nn.Module, method: str) -> list:
-    """Wrap layer.<method> so each call's result is kept: what forward itself chose."""
-    seen, original = [], getattr(layer, method)
-
-    def wrapper(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    setattr(layer, method, wrapper)
-    return seen
-
-
+@pytest.mark.parametrize("plan", ["cpu", "cuda"])
 @pytest.mark.parametrize("impl", ["sparse", "masked"])
-def test_infmoe_under_bf16_autocast_keeps_the_fp32_blocks(impl):
+def test_infmoe_under_bf16_autocast_keeps_the_fp32_blocks(impl, plan, monkeypatch):
     # 128 blocks, 64 kept: many near-equal scores sit at the top-N boundary.
     torch.manual_seed(0)
     layer = InfiniteMoE(64, 1024, d_z=16, block_size=8, n_samples=2, impl=impl)
     x, noise = torch.randn(256, 64), torch.randn(2, 256, 16)
-    seen = recording(layer, "_select")  # (Selection, Route, None): what forward routed by
-    y32 = layer(x, noise)
-    usage32 = layer.aux.stats["block_usage"]
-    with bf16_autocast():
-        y16 = layer(x, noise)
-    assert layer.uses_sparse() == (impl == "sparse")
+    seen = []  # (index, gate) of every call: what forward itself routed by
+
+    def recording(*args, **kwargs):
+        seen.append(top_blocks(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(infinite_moe, "top_blocks", recording)
+    with plan_device(plan):
+        y32 = layer(x, noise)
+        usage32 = layer.aux.stats["block_usage"]
+        with bf16_autocast():
+            y16 = layer(x, noise)
+    assert layer.aux.path == {"sparse": {"cpu": "sparse", "cuda": "grouped"}[plan], "masked": "masked"}[impl]
     assert (y16 - y32).abs().max() > 0  # the FFN itself did run in bf16
-    (fp32, *_), (bf16, *_) = seen
-    assert torch.equal(bf16.index, fp32.index)
-    assert torch.equal(bf16.gate, fp32.gate)
-    assert bf16.mu.dtype == bf16.gate.dtype == torch.float32
+    (index32, gate32), (index16, gate16) = seen
+    assert torch.equal(index16, index32) and torch.equal(gate16, gate32)
+    assert gate16.dtype == torch.float32
     assert torch.equal(layer.aux.stats["block_usage"], usage32)
 
 
@@ -63,7 +60,8 @@ def test_topk_under_bf16_autocast_chooses_the_fp32_experts(impl):
     torch.manual_seed(0)
     layer = TopKMoE(64, 1024, n_experts=64, top_k=2, impl=impl)
     x = torch.randn(512, 64)
-    seen = recording(layer, "choose_experts")
+    seen, choose = [], layer.choose_experts
+    layer.choose_experts = lambda *args: seen.append(choose(*args)) or seen[-1]  # what forward chose
     layer(x)
     load32 = layer.aux.stats["expert_load"]
     with bf16_autocast():
