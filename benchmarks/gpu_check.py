@@ -1,22 +1,30 @@
 """The one prepared GPU check: everything this project wants to know from a GPU, in one command.
 
     python benchmarks/gpu_check.py                     # on a CUDA machine: docs/gpu.md + docs/gpu.json
-    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # dry run, seconds, any machine
-    python benchmarks/gpu_check.py --only correctness,training --out /tmp/gpu-check   # rerun some stages
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # dry run, any machine
+    python benchmarks/gpu_check.py --only tests,profile --out /tmp/gpu-check   # rerun some stages
 
 Stages, each in a fresh process with its own time budget (seconds on one H100/H200):
 
-1. environment (30): torch, CUDA, GPU, memory, bf16, `torch._grouped_mm` (and whether it
+1. environment (20): torch, CUDA, GPU, memory, bf16, `torch._grouped_mm` (and whether it
    runs in bf16 here), CPU threads, the project's dependencies.
-2. tests (60): ``python -m pytest -q -x -k cuda tests/layers``, the suite's CUDA cases.
-3. correctness (75): ∞-MoE's "full", "sparse" and "rows" paths against "masked" and top-k
-   MoE's grouped path against its loop, outputs and gradients, fp32 and bf16 autocast; and
-   whether routing under bf16 keeps exactly the fp32 blocks.
-4. bench (140): ``python -m infmoe.cli bench --device cuda --precision bf16`` at the
-   gpt2-small shape and models, its markdown embedded.
-5. training (90): 50 steps of gpt2-small dense, top-k MoE, ∞-MoE and ∞-MoE with B = 256 at
-   16 × 1024 tokens per step, steps 11-50 timed: tokens/s, MFU, peak memory.
-6. generation (55): greedy decoding of 256 tokens with the KV cache, dense against ∞-MoE at
+2. tests (90): the suite's own tests on the GPU: ``python -m pytest -q tests/layers -k cuda``
+   (the layer tests' CUDA cases: every path against its reference, on this device), then
+   ``python -m pytest -q tests/models/test_compile.py`` (whole models compile, and read
+   nothing on the host). The CPU dry run runs ``tests/layers/test_dispatch.py -k cpu``.
+3. bench (55): ``python -m infmoe.cli bench --device cuda --precision bf16 --shapes gpt2-small
+   --models '' --tokens 16384``: the layer, saved-for-backward and decoding tables at a
+   GEMM-bound size, their markdown embedded.
+4. compile (120): the same with ``--compile --models tiny``: compiled layers beside eager
+   ones, and tiny models trained compiled against eager; the compiled targets.
+5. training (50): 30 steps of gpt2-small dense, top-k MoE, ∞-MoE and ∞-MoE with B = 256 at
+   16 × 1024 tokens per step (`infmoe.training.step.train_step`), steps 6-30 timed:
+   tokens/s, MFU, peak memory.
+6. profile (60): one training step of gpt2-small-infmoe at B = 1 and B = 256 under
+   torch.profiler: kernel time by category (GEMM, attention, selection, gather/scatter/index,
+   elementwise, other) and idle time against the step's wall time; device-to-host syncs per
+   step; peak memory at K = 1 and K = 4.
+7. generation (55): greedy decoding of 256 tokens with the KV cache, dense against ∞-MoE at
    K = 1, 4, 16 and mean mode.
 
 The budgets sum to 450 s, so the whole run stays under 8 minutes. A stage that raises,
@@ -43,6 +51,8 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -133,12 +143,15 @@ def peak_tflops(gpu: str | None) -> float | None:
 
 
 def num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    from infmoe.bench import number_cell
+
+    return number_cell(value, spec)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-            *("| " + " | ".join(cells) + " |" for cells in rows), ""]
+    from infmoe.bench import markdown_table  # imports torch: only where a report is rendered
+
+    return markdown_table(headers, rows)
 
 
 def failed_rows(rows: list[dict]) -> list[dict]:
@@ -213,256 +226,86 @@ def environment_summary(rows: list[dict]) -> list[str]:
 
 # --------------------------------------------------------------------------- 2. tests
 
-TESTS_COMMAND = ["-m", "pytest", "-q", "-x", "-k", "cuda", "tests/layers", "-p", "no:cacheprovider"]
+# The layer tests take a `device` fixture, "cpu" always and "cuda" where a GPU is (tests/layers/
+# conftest.py): on a GPU `-k cuda` selects exactly the CUDA cases of the very tests the CPU
+# runs. Then the model tests that compile whole and read nothing on the host. The CPU dry run
+# runs the dispatch rule's CPU cases: real tests, in seconds.
+TEST_RUNS = {"cuda": (("tests/layers", "-k", "cuda"), ("tests/models/test_compile.py",)),
+             "cpu": (("tests/layers/test_dispatch.py", "-k", "cpu"),)}
+PYTEST = ("-m", "pytest", "-q")
+COUNTS = ("passed", "failed", "skipped", "deselected", "errors")
+
+
+def tests_shown(opts) -> list[str]:
+    """The tests stage's commands as a user types them."""
+    return [shlex.join(["python", *PYTEST, *args]) for args in TEST_RUNS[opts.device]]
 
 
 def tests(opts) -> Iterator[dict]:
-    cmd = [sys.executable, *TESTS_COMMAND]
-    done = stage_command(cmd, opts)
-    counts = dict.fromkeys(("passed", "failed", "skipped", "deselected", "errors"), 0)
-    for n, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)\b", done["tail"]):
-        counts["errors" if word.startswith("error") else word] = int(n)
-    # On a GPU a run where every CUDA case skipped has checked nothing.
-    ran = counts["passed"] > 0 or opts.device == "cpu"
-    yield dict(counts, rc=done["rc"], timed_out=done["timed_out"], seconds=done["seconds"], tail=done["tail"],
-               ok=done["rc"] == 0 and ran)
-    check_time(done, cmd)
+    for args, shown in zip(TEST_RUNS[opts.device], tests_shown(opts)):
+        cmd = [sys.executable, *PYTEST, "-p", "no:cacheprovider", *args]
+        done = stage_command(cmd, opts)
+        counts = dict.fromkeys(COUNTS, 0)
+        for n, word in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)\b", done["tail"]):
+            counts["errors" if word.startswith("error") else word] = int(n)
+        # A run where every case skipped or was deselected has checked nothing.
+        yield dict(counts, command=shown, rc=done["rc"], timed_out=done["timed_out"], seconds=done["seconds"],
+                   tail=done["tail"], ok=done["rc"] == 0 and counts["passed"] > 0)
+        check_time(done, cmd)
 
 
 def tests_table(rows: list[dict]) -> list[str]:
-    r = rows[0]
-    lines = table(["passed", "failed", "skipped", "deselected", "errors", "exit status", "seconds"],
-                  [[str(r["passed"]), str(r["failed"]), str(r["skipped"]), str(r["deselected"]), str(r["errors"]),
-                    str(r["rc"]) + (" (timed out)" if r["timed_out"] else ""), f"{r['seconds']:.1f}"]])
-    return lines + ["Tail of the output:", "", "```", *r["tail"].strip().splitlines()[-25:], "```", ""]
+    lines = table(["command", *COUNTS, "exit status", "seconds"],
+                  [[f"`{r['command']}`", *(str(r[c]) for c in COUNTS),
+                    str(r["rc"]) + (" (timed out)" if r["timed_out"] else ""), f"{r['seconds']:.1f}"] for r in rows])
+    for r in rows:
+        lines += [f"Tail of `{r['command']}`:", "", "```", *r["tail"].strip().splitlines()[-15:], "```", ""]
+    return lines
 
 
 def tests_summary(rows: list[dict]) -> list[str]:
-    r = rows[0]
-    return [f"tests: {r['passed']} CUDA test(s) passed, {r['failed']} failed, {r['skipped']} skipped"]
-
-
-# --------------------------------------------------------------------------- 3. correctness
-
-# Normwise relative error ||fast - ref|| / ||ref|| allowed between two paths run in the same
-# precision. fp32: both compute the same sums in another order; with unit roundoff 6e-8 and
-# sums of up to H = 6144 terms, reordering moves a result by about sqrt(n) u = 5e-6, so 1e-4
-# leaves room yet fails TF32 (u = 5e-4) and any real difference. bf16 autocast: each path
-# rounds its matmul inputs to bf16 (u = 3.9e-3) at other places (the masked path its whole
-# gated hidden, the grouped one each block's), a few roundings of about u/2 each, normwise
-# 5e-3 to 1e-2 against fp32 (measured on the CPU for both paths); 3e-2 allows that, while a
-# missing or doubled block of the 12 kept at B = 256 changes y by about 1/12. The gradients
-# of the routing parameters (router.*, score.*) are sums over tokens of per-token gate
-# gradients that largely cancel (terms of +-20 summing to about 1 at the quick shape), which
-# multiplies bf16's per-term 5e-3 by the cancellation: 5e-2 was measured there for a correct
-# path, so 0.15, which still fails a wrong factor, sign or block (errors of order 1).
-TOLERANCE = {"fp32": dict(ffn=1e-4, routing=1e-4), "bf16": dict(ffn=3e-2, routing=0.15)}
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    d_model: int
-    d_hidden: int
-    d_z: int
-    tokens: int
-    moe_hidden: int
-
-
-CHECK_SHAPES = {"full": LayerShape(768, 6144, 48, 256, 6400), "quick": LayerShape(64, 512, 8, 32, 512)}
-
-
-def correctness(opts) -> Iterator[dict]:
-    import torch
-
-    from infmoe.device import autocast_for
-    from infmoe.layers import InfiniteMoE, TopKMoE
-
-    device, shape = torch.device(opts.device), CHECK_SHAPES["quick" if opts.quick else "full"]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape.tokens, shape.d_model, generator=g).to(device)
-    dy = torch.randn(shape.tokens, shape.d_model, generator=g).to(device)
-    precisions = {p: autocast_for(p, device) for p in ("fp32", "bf16")}
-    for block in (1, 64, 256):
-        for k in (1, 4):
-            torch.manual_seed(0)
-            layer = _scaled(InfiniteMoE(shape.d_model, shape.d_hidden, d_z=shape.d_z, block_size=block, n_samples=k))
-            layer.to(device)
-            noise = torch.randn(k, shape.tokens, shape.d_z, generator=g).to(device)
-            case = dict(layer="∞-MoE", B=block, K=k)
-            yield from _against_masked(layer, case, ("full", "sparse", "rows"), x, dy, noise, precisions)
-            if k > 1:  # each token its own K up to k: routing decides first, then the same kernels
-                layer.mode = "adaptive"
-                yield from _against_masked(layer, dict(case, layer="∞-MoE, adaptive K"), ("sparse", "rows"), x, dy,
-                                           noise, precisions)
-                layer.mode = "sample"
-            yield case | dict(impl="select", precision="bf16 vs fp32") | _guarded(
-                lambda: _same_choice(lambda: layer.select(x, noise), precisions["bf16"]))
-            yield case | dict(impl="threshold", precision="bf16 vs fp32") | _guarded(
-                lambda: _same_choice(lambda: layer.threshold_masks(layer.sample_z(x, noise)[0]), precisions["bf16"]))
-    torch.manual_seed(0)
-    moe = _scaled(TopKMoE(shape.d_model, shape.moe_hidden, n_experts=8, top_k=4)).to(device)
-    case = dict(layer="top-k MoE 4 of 8", B=shape.moe_hidden // 8, K=None)
-    for precision, autocast in precisions.items():
-        ref = _guarded(lambda: _paths(moe, "loop", x, dy, autocast))
-        yield case | dict(impl="grouped", precision=precision) | _compare(
-            ref, lambda: _paths(moe, "grouped", x, dy, autocast), TOLERANCE[precision])
-    yield case | dict(impl="choose_experts", precision="bf16 vs fp32") | _guarded(
-        lambda: _same_choice(lambda: moe.choose_experts(x), precisions["bf16"]))
-
-
-def _against_masked(layer, case: dict, impls: tuple[str, ...], x, dy, noise, precisions: dict) -> Iterator[dict]:
-    """One row per (impl, precision): the impl's output and gradients against the masked
-    reference's, in that precision."""
-    for precision, autocast in precisions.items():
-        ref = _guarded(lambda: _paths(layer, "masked", x, dy, autocast, noise=noise))
-        for impl in impls:
-            yield case | dict(impl=impl, precision=precision) | _compare(
-                ref, lambda: _paths(layer, impl, x, dy, autocast, noise=noise), TOLERANCE[precision])
-
-
-def _scaled(layer):
-    """O(1) activations and non-zero biases, so relative errors mean something and a path
-    that drops a bias shows it."""
-    import torch
-
-    layer.reset_parameters(std=layer.d_model**-0.5)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if p.dim() == 1 or name.startswith("b_"):
-                p.normal_(0.0, 0.1)
-    return layer
-
-
-def _guarded(fn: Callable[[], dict]) -> dict:
-    """fn's result, or its exception as {"error": ..., "ok": False}."""
-    try:
-        return fn()
-    except Exception as err:  # recorded in the report; the other cases still run
-        return dict(error=describe(err), ok=False)
-
-
-def _paths(layer, impl: str, x, dy, autocast, **kwargs) -> dict:
-    """Output (and, except for the inference-only "rows", the gradients of x and every
-    parameter) of one call of `layer` with `impl`, as fp32 tensors."""
-    import torch
-
-    layer.impl = impl
-    layer.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_(impl != "rows")
-    with torch.set_grad_enabled(impl != "rows"), autocast():
-        y = layer(x, **kwargs)
-    if impl == "rows":
-        return {"y": y.float()}
-    y.backward(dy.to(y.dtype))
-    grads = {f"grad {n}": p.grad.float() for n, p in layer.named_parameters() if p.grad is not None}
-    return {"y": y.detach().float(), "grad x": x.grad.float()} | grads
-
-
-def _compare(ref: dict, fast: Callable[[], dict], tolerance: dict[str, float]) -> dict:
-    """The worst tensor of `fast` against `ref`, worst by its error over its tolerance."""
-    if "error" in ref:
-        return dict(error=ref["error"] | dict(message="reference: " + ref["error"]["message"]), ok=False)
-    got = _guarded(fast)
-    if "error" in got:
-        return got
-    errors, limits = {}, {}
-    for key, value in got.items():
-        want = ref[key]
-        errors[key] = ((value - want).norm() / want.norm().clamp_min(1e-30)).item(), (value - want).abs().max().item()
-        limits[key] = tolerance["routing" if "router" in key or "score" in key else "ffn"]
-    worst = max(errors, key=lambda key: errors[key][0] / limits[key])
-    return dict(rel=errors[worst][0], worst=worst, max_abs=max(e[1] for e in errors.values()),
-                tolerance=limits[worst], ok=errors[worst][0] <= limits[worst])
-
-
-def _same_choice(choose: Callable[[], tuple], bf16) -> dict:
-    """How many routing decisions (rows of the first tensor: kept blocks or experts of a
-    token and sample) bf16 autocast changes, the rest of the tuple (gates) compared too."""
-    import torch
-
-    fp32 = choose()
-    with bf16():
-        low = choose()
-    first, second = (_as_sets(v) for v in (fp32, low))
-    rows = first[0].reshape(-1, first[0].shape[-1])
-    differ = (rows != second[0].reshape(rows.shape)).any(-1)
-    for a, b in zip(first[1:], second[1:]):
-        differ |= (a.reshape(len(rows), -1) != b.reshape(len(rows), -1)).any(-1)
-    return dict(differing=int(differ.sum()), of=len(rows), dtypes=sorted({str(t.dtype) for t in low
-                                                                           if torch.is_tensor(t)}),
-                ok=not bool(differ.any()))
-
-
-def _as_sets(choice) -> list:
-    """A selection's integer index tensor sorted within each row (top-k without sorting may
-    list the same set in another order), its float companions reordered alike."""
-    import torch
-
-    tensors = [t for t in choice if torch.is_tensor(t)]
-    index = next((t for t in tensors if not t.is_floating_point()), None)
-    if index is None:  # threshold masks: (mean mask, union), already one column per block
-        return tensors
-    order = index.argsort(-1)
-    return [index.gather(-1, order)] + [t.gather(-1, order) for t in tensors
-                                        if t.is_floating_point() and t.shape == index.shape]
-
-
-def correctness_table(rows: list[dict]) -> list[str]:
-    cells = []
-    for r in rows:
-        if "error" in r:
-            result = [f"{r['error']['type']}: {_one_line(r['error']['message'])}", "-", "-"]
-        elif "differing" in r:
-            result = [f"{r['differing']} of {r['of']} choices differ", "-", "0"]
-        else:
-            result = [f"{r['rel']:.2e} ({r['worst']})", f"{r['max_abs']:.2e}", f"{r['tolerance']:g}"]
-        cells.append([r["layer"], str(r["B"]), num(r["K"], "d"), r["impl"], r["precision"], *result,
-                      "yes" if r["ok"] else "**no**"])
-    return table(["layer", "B", "K", "path", "precision", "relative error (worst tensor) / routing", "max abs error",
-                  "tolerance", "ok"], cells)
-
-
-def correctness_summary(rows: list[dict]) -> list[str]:
-    paths = [r for r in rows if "rel" in r]
-    routing = [r for r in rows if "differing" in r]
-    lines = [f"correctness: {len(rows) - len(failed_rows(rows))} of {len(rows)} checks passed"]
-    for precision in TOLERANCE:
-        worst = max((r for r in paths if r["precision"] == precision), key=lambda r: r["rel"] / r["tolerance"],
-                    default=None)
-        if worst:
-            lines.append(f"correctness: closest to its {precision} tolerance: {_label(worst)}, {worst['worst']} "
-                         f"{worst['rel']:.2e} of {worst['tolerance']:g}")
-    if routing:
-        changed = sum(r["differing"] for r in routing)
-        lines.append(f"correctness: bf16 autocast changed {changed} of {sum(r['of'] for r in routing)} routing choices")
-    return lines
+    return [f"tests: `{r['command']}`: {r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped, "
+            f"{r['errors']} errors" for r in rows]
 
 
 def _one_line(text: str) -> str:
     return text.splitlines()[0].replace("|", "\\|")[:200] if text else ""
 
 
-# --------------------------------------------------------------------------- 4. bench
+# --------------------------------------------------------------------------- 3. bench, 4. compile
+
+# Layer shapes a GPU runs GEMM-bound: 16 × 1024 tokens per call, as the training stage's steps.
+GPU_TOKENS = 16 * 1024
 
 
-def bench_command(opts, json_path: str = "bench-gpu.json", markdown_path: str = "bench-gpu.md") -> list[str]:
+def bench_command(opts, json_path: str = "bench-gpu.json", markdown_path: str = "bench-gpu.md",
+                  compile: bool = False) -> list[str]:
+    """`infmoe bench` for the bench stage (eager: layer, saved-for-backward and decoding tables;
+    the whole models are the training and generation stages' work), or with `compile` for the
+    compile stage (compiled layers beside eager ones, and the tiny models compiled)."""
     if opts.quick:  # the smallest run the bench's command line allows
         sizes = ["--shapes", "quick", "--models", "", "--repeats", "1", "--no-memory"]
+    elif compile:
+        sizes = ["--shapes", "gpt2-small", "--models", "tiny", "--tokens", str(GPU_TOKENS), "--no-memory"]
     else:
-        sizes = ["--shapes", "gpt2-small", "--models", "gpt2-small"]
-    return ["-m", "infmoe.cli", "bench", "--device", opts.device, "--precision", opts.precision, *sizes,
-            "--json", json_path, "--markdown", markdown_path]
+        sizes = ["--shapes", "gpt2-small", "--models", "", "--tokens", str(GPU_TOKENS)]
+    return ["-m", "infmoe.cli", "bench", *["--compile"] * compile, "--device", opts.device, "--precision",
+            opts.precision, *sizes, "--json", json_path, "--markdown", markdown_path]
 
 
-def bench(opts) -> Iterator[dict]:
+def bench(opts, compile: bool = False) -> Iterator[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         paths = [str(Path(tmp) / "bench.json"), str(Path(tmp) / "bench.md")]
-        cmd = [sys.executable, *bench_command(opts, *paths)]
+        cmd = [sys.executable, *bench_command(opts, *paths, compile=compile)]
         done = stage_command(cmd, opts)
         files = [Path(p).read_text() if Path(p).exists() else None for p in paths]
     yield dict(rc=done["rc"], timed_out=done["timed_out"], seconds=done["seconds"], tail=done["tail"],
                result=json.loads(files[0]) if files[0] else None, markdown=files[1], ok=done["rc"] == 0)
     check_time(done, cmd)
+
+
+def bench_compiled(opts) -> Iterator[dict]:
+    return bench(opts, compile=True)
 
 
 def bench_table(rows: list[dict]) -> list[str]:
@@ -473,10 +316,18 @@ def bench_table(rows: list[dict]) -> list[str]:
             "```", *r["tail"].strip().splitlines()[-25:], "```", ""]
 
 
-def bench_summary(rows: list[dict]) -> list[str]:
+def bench_summary(rows: list[dict], stage: str = "bench") -> list[str]:
     md = rows[0]["markdown"] or ""
     header = md.splitlines()[0] if md else "no output"
-    return [f"bench: {header}; targets met: {md.count('| yes |')}, missed: {md.count('| no |')}"]
+    lines = [f"{stage}: {header}; targets met: {md.count('| yes |')}, missed: {md.count('| no |')}"]
+    result = rows[0]["result"] or {}
+    failed = [r.get("variant") or r["config"] for r in result.get("layers", []) + result.get("models", [])
+              if "error" in r]
+    return lines + ([f"{stage}: did not compile: {', '.join(failed)}"] if failed else [])
+
+
+def compile_summary(rows: list[dict]) -> list[str]:
+    return bench_summary(rows, "compile")
 
 
 # --------------------------------------------------------------------------- 5. training
@@ -490,7 +341,7 @@ def train_models(opts) -> list[str]:
 
 
 # quick: tokens per step, steps, warm-up steps, and a model small enough for seconds on a CPU
-TRAIN = {"full": dict(tokens=16 * 1024, steps=50, warmup=10), "quick": dict(tokens=2 * 64, steps=4, warmup=1)}
+TRAIN = {"full": dict(tokens=GPU_TOKENS, steps=30, warmup=5), "quick": dict(tokens=2 * 64, steps=4, warmup=1)}
 QUICK_MODEL = dict(n_layer=1, d_model=64, n_head=2, vocab_size=512, n_ctx=64)
 
 
@@ -521,25 +372,46 @@ def training(opts) -> Iterator[dict]:
             torch.cuda.empty_cache()
 
 
+def build(label: str, opts, device, **overrides):
+    """The model `label` names (quick: shrunk to `QUICK_MODEL`), seeded, on `device`; its
+    optimizer as training builds it; and the training config behind both."""
+    import torch
+
+    from infmoe.models import build_model
+    from infmoe.training.config import TrainConfig
+    from infmoe.training.optim import build_optimizer
+
+    name, options = parse_model(label)
+    torch.manual_seed(0)
+    model = build_model(name, **(QUICK_MODEL if opts.quick else {}), **options, **overrides).to(device)
+    cfg = TrainConfig()
+    return model, build_optimizer(model, cfg), cfg
+
+
+def flops_per_token(model, k: int, device, dtype) -> dict[str, float]:
+    """Training GFLOP per token (3 × the forward): what the method needs ("model", the MFU's
+    numerator) and what the path training takes on `device` in `dtype` executes ("executed";
+    the FFNs' own count, `infmoe.bench.executed_flops`)."""
+    from infmoe.bench import executed_flops
+    from infmoe.params import model_flops_per_token
+
+    needed = model_flops_per_token(model, k)
+    extra = sum(executed_flops(f, k, None, device, dtype) - f.flops_per_token(k) for f in model.ffn_layers())
+    return dict(model=3 * needed / 1e9, executed=3 * (needed + extra) / 1e9)
+
+
 def _train(label: str, opts, device, autocast) -> dict:
     """Training throughput of one config; on running out of GPU memory the same tokens per
     step again as more, smaller micro-batches (gradient accumulation)."""
     import torch
 
-    from infmoe.models import build_model
-    from infmoe.params import model_flops_per_token
-    from infmoe.training.config import TrainConfig
-    from infmoe.training.optim import build_optimizer
+    from infmoe.device import uses_bf16
 
-    name, overrides = parse_model(label)
     plan = TRAIN["quick" if opts.quick else "full"]
-    torch.manual_seed(0)
-    model = build_model(name, **(QUICK_MODEL if opts.quick else {}), **overrides).to(device)
+    model, optimizer, cfg = build(label, opts, device)
     seq = min(model.config.n_ctx, 64 if opts.quick else 1024)
-    cfg = TrainConfig()
-    optimizer = build_optimizer(model, cfg)
     k = max([getattr(f, "n_samples", 1) for f in model.ffn_layers()])
-    flops = {key: 3 * model_flops_per_token(model, k, executed=key == "executed") / 1e9 for key in ("model", "executed")}
+    flops = flops_per_token(model, k, device, torch.bfloat16 if uses_bf16(opts.precision, device) else torch.float32)
     sequences, oom = plan["tokens"] // seq, []
     for accum in (1, 2, 4, 8):
         try:
@@ -556,28 +428,32 @@ def _train(label: str, opts, device, autocast) -> dict:
                            executed_gflops_per_token=flops["executed"])
 
 
-def _train_steps(model, optimizer, cfg, micro: int, accum: int, seq: int, plan: dict, device, autocast) -> dict:
-    """The training loop's step (autocast forward, backward per micro-batch, clipping, AdamW)
-    on random tokens; the steps after the warm-up timed between synchronisations."""
+def random_batches(model, micro: int, accum: int, seq: int, device, generator) -> list[tuple]:
+    """`accum` micro-batches (x, y) of `micro` random sequences of `seq` tokens."""
     import torch
+
+    idx = [torch.randint(0, model.config.vocab_size, (micro, seq + 1), device=device, generator=generator)
+           for _ in range(accum)]
+    return [(i[:, :-1], i[:, 1:]) for i in idx]
+
+
+def _train_steps(model, optimizer, cfg, micro: int, accum: int, seq: int, plan: dict, device, autocast) -> dict:
+    """The training loop's step (`infmoe.training.step.train_step`) on random tokens; the
+    steps after the warm-up timed between synchronisations."""
+    import torch
+
+    from infmoe.training.step import train_step
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     g = torch.Generator(device).manual_seed(0)
-    vocab = model.config.vocab_size
     losses = []
     for step in range(plan["steps"]):
         if step == plan["warmup"]:
             synchronize(device)
             start = time.perf_counter()
-        for _ in range(accum):
-            idx = torch.randint(0, vocab, (micro, seq + 1), device=device, generator=g)
-            with autocast():
-                loss = model(idx[:, :-1], idx[:, 1:]).loss
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batches = random_batches(model, micro, accum, seq, device, g)
+        loss = train_step(model, model, optimizer, batches, grad_clip=cfg.grad_clip, autocast=autocast)
         if step in (0, plan["steps"] - 1):
             losses.append(loss.item())
     synchronize(device)
@@ -612,7 +488,173 @@ def training_summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-# --------------------------------------------------------------------------- 6. generation
+# --------------------------------------------------------------------------- 6. profile
+
+# One training step of the ∞-MoE config at each block size (B = 1: per unit; B = 256: blocks),
+# at the training stage's tokens per step, under the stage's precision (bf16 autocast on CUDA).
+PROFILE = {"full": dict(config="gpt2-small-infmoe", tokens=GPU_TOKENS, seq=1024),
+           "quick": dict(config="tiny-infmoe", tokens=2 * 64, seq=64)}
+PROFILE_BLOCKS = (1, 256)
+PROFILE_SAMPLES = (1, 4)  # peak memory at each K
+WALL_STEPS = 3
+# CUDA kernels (or, on the CPU, aten operators) by name, into the first category that matches;
+# the rest is "other": reductions, norms, softmax, the loss, copies between devices, memset.
+KERNEL_CATEGORIES = (
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("GEMM", r"gemm|gemv|nvjet|xmma|cutlass|cublas|matmul|splitk|\b(add|b)?mm\b|grouped_mm"),
+    ("selection", r"topk|sort|radix|bitonic"),
+    ("gather/scatter/index", r"gather|scatter|index|embedding|nonzero"),
+    ("elementwise", r"elementwise|triton_poi|pointwise|multi_tensor|foreach|gelu|tanh|add|mul|div|copy|fill|where"),
+)
+CATEGORIES = (*(name for name, _ in KERNEL_CATEGORIES), "other")
+
+
+def kernel_category(name: str) -> str:
+    return next((cat for cat, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def profile(opts) -> Iterator[dict]:
+    import torch
+
+    from infmoe.device import autocast_for
+
+    device = torch.device(opts.device)
+    plan = PROFILE["quick" if opts.quick else "full"]
+    for block in PROFILE_BLOCKS:
+        row = dict(config=f"{plan['config']} --block_size {block}", block=block)
+        try:
+            row |= _profile(row["config"], plan, opts, device, autocast_for(opts.precision, device))
+        except Exception as err:  # recorded; the next block size still runs
+            row |= dict(error=describe(err), ok=False)
+        yield row
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _profile(label: str, plan: dict, opts, device, autocast) -> dict:
+    """Wall time (median of `WALL_STEPS` synchronised steps), kernel time per category from
+    one profiled step, idle = wall - kernel time, the step's device-to-host syncs, and peak
+    memory at each K of `PROFILE_SAMPLES`."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    from infmoe.layers import sampling
+    from infmoe.training.step import train_step
+
+    model, optimizer, cfg = build(label, opts, device)
+    batches = random_batches(model, plan["tokens"] // plan["seq"], 1, plan["seq"], device,
+                             torch.Generator(device).manual_seed(0))
+
+    def step() -> None:
+        train_step(model, model, optimizer, batches, grad_clip=cfg.grad_clip, autocast=autocast)
+
+    step()  # lazy initialisation, the optimizer's state, kernel selection
+    walls = []
+    for _ in range(WALL_STEPS):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        walls.append(time.perf_counter() - start)
+    wall = sorted(walls)[len(walls) // 2]
+    cuda = device.type == "cuda"
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        step()
+        synchronize(device)
+    kernels = kernel_seconds(prof, cuda)
+    syncs = count_syncs(step) if cuda else None
+    peaks, paths = {}, {}
+    for k in PROFILE_SAMPLES:
+        with sampling(model, n_samples=k):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            step()
+            synchronize(device)
+        peaks[str(k)] = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        paths[str(k)] = model.ffn_layers()[0].aux.path
+    return dict(tokens=plan["tokens"], wall_ms=1e3 * wall, kernel_ms={c: 1e3 * t for c, t in kernels.items()},
+                idle_ms=1e3 * (wall - sum(kernels.values())), kernels="CUDA kernels" if cuda else "CPU operators",
+                syncs=None if syncs is None else len(syncs), sync_sites=_most_common(syncs) if syncs else [],
+                peak_gib=peaks, paths=paths, ok=True)
+
+
+def kernel_seconds(prof, cuda: bool) -> dict[str, float]:
+    """Seconds per category of the profiled step: each CUDA kernel's time, or on the CPU each
+    aten operator's self time (its children's excluded, so nothing counts twice)."""
+    from torch.autograd import DeviceType
+
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for event in prof.key_averages():
+        if cuda and event.device_type == DeviceType.CUDA:
+            totals[kernel_category(event.key)] += event.self_device_time_total / 1e6
+        elif not cuda and event.key.startswith("aten::"):
+            totals[kernel_category(event.key)] += event.self_cpu_time_total / 1e6
+    return totals
+
+
+def count_syncs(step: Callable[[], None]) -> list[str]:
+    """The places ("file:line") of the device-to-host synchronisations during one call of
+    step: torch warns at each while its sync debug mode is "warn"."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+def _most_common(sites: list[str], n: int = 5) -> list[str]:
+    return [f"{site} ({count})" for site, count in Counter(sites).most_common(n)]
+
+
+def profile_table(rows: list[dict]) -> list[str]:
+    cells = []
+    for r in rows:
+        if "error" in r:
+            cells.append([r["config"], f"{r['error']['type']}: {_one_line(r['error']['message'])}",
+                          *["-"] * (len(CATEGORIES) + 5)])
+            continue
+        share = {c: f"{ms:.1f} ({ms / r['wall_ms']:.0%})" for c, ms in r["kernel_ms"].items()}
+        cells.append([r["config"], "/".join(r["paths"].values()), f"{r['wall_ms']:.1f}",
+                      *(share[c] for c in CATEGORIES), f"{r['idle_ms']:.1f} ({r['idle_ms'] / r['wall_ms']:.0%})",
+                      "n/a" if r["syncs"] is None else str(r["syncs"]),
+                      *(_gib(r["peak_gib"][str(k)]) for k in PROFILE_SAMPLES)])
+    done = [r for r in rows if "error" not in r]
+    source = done[0]["kernels"] if done else "kernels"
+    lines = [f"One training step (`train_step`) of {rows[0].get('tokens', '?')} tokens; per category the time of "
+             f"its {source} in ms (share of the step's wall time, the median of {WALL_STEPS} unprofiled steps); "
+             "idle = wall - that time; device-to-host syncs counted with torch.cuda.set_sync_debug_mode('warn'); "
+             "peak = torch.cuda.max_memory_allocated over a step at each K:", ""]
+    lines += table(["config", "path at K=" + "/".join(map(str, PROFILE_SAMPLES)), "wall ms", *CATEGORIES, "idle",
+                    "D2H syncs", *(f"peak GiB K={k}" for k in PROFILE_SAMPLES)], cells)
+    for r in done:
+        if r["sync_sites"]:
+            lines += [f"Syncs of {r['config']}, where (count): {', '.join(r['sync_sites'])}", ""]
+    return lines
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"  # None: no GPU memory to count
+
+
+def profile_summary(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if "error" in r:
+            continue
+        gemm, idle = r["kernel_ms"]["GEMM"] / r["wall_ms"], r["idle_ms"] / r["wall_ms"]
+        syncs = "n/a" if r["syncs"] is None else r["syncs"]
+        peaks = "/".join(_gib(r["peak_gib"][str(k)]) for k in PROFILE_SAMPLES)
+        lines.append(f"profile: {r['config']}: {r['wall_ms']:.1f} ms/step, GEMM {gemm:.0%} of it, idle {idle:.0%}; "
+                     f"D2H syncs per step: {syncs}; peak GiB at K={'/'.join(map(str, PROFILE_SAMPLES))}: {peaks}")
+    return lines
+
+
+# --------------------------------------------------------------------------- 7. generation
 
 GENERATE = {"full": dict(new_tokens=256, repeats=2), "quick": dict(new_tokens=16, repeats=1)}
 
@@ -644,9 +686,8 @@ def generation(opts) -> Iterator[dict]:
                     start = time.perf_counter()
                     out = list(generate(models[name], prompt, max_new_tokens=plan["new_tokens"], temperature=0, seed=0))
                     times.append(time.perf_counter() - start)  # each token reached the host: synchronised
-                path = [f.plan(1, f.n_samples if f.mode == "sample" else 1, grad=False)
-                        for f in models[name].ffn_layers() if hasattr(f, "plan")]
-            row |= dict(seconds=min(times), tokens_per_s=len(out) / min(times), path=path[0] if path else "dense",
+            path = models[name].ffn_layers()[0].aux.path  # what the last decoding step ran
+            row |= dict(seconds=min(times), tokens_per_s=len(out) / min(times), path=path or "dense",
                         dtype=str(next(models[name].parameters()).dtype).removeprefix("torch."),
                         ok=len(out) == plan["new_tokens"])
             dense = row["tokens_per_s"] if name.endswith("-dense") else dense
@@ -687,16 +728,18 @@ class Stage:
 
 
 STAGES = {s.name: s for s in [
-    Stage("environment", "Environment", 30, environment, environment_table, environment_summary),
-    Stage("tests", "The test suite's CUDA tests", 60, tests, tests_table, tests_summary,
-          lambda opts: shlex.join(["python", *TESTS_COMMAND[:-2]])),
-    Stage("correctness", "Correctness: fast paths against their references", 75, correctness, correctness_table,
-          correctness_summary),
-    Stage("bench", "infmoe bench", 140, bench, bench_table, bench_summary,
+    Stage("environment", "Environment", 20, environment, environment_table, environment_summary),
+    Stage("tests", "The layer tests on this device, and the compile tests", 90, tests, tests_table, tests_summary,
+          lambda opts: " && ".join(tests_shown(opts))),
+    Stage("bench", "infmoe bench", 55, bench, bench_table, bench_summary,
           lambda opts: shlex.join(["python", *bench_command(opts)])),
-    Stage("training", "Training throughput", 90, training, training_table, training_summary),
+    Stage("compile", "infmoe bench --compile", 120, bench_compiled, bench_table, compile_summary,
+          lambda opts: shlex.join(["python", *bench_command(opts, compile=True)])),
+    Stage("training", "Training throughput", 50, training, training_table, training_summary),
+    Stage("profile", "Profile of one training step", 60, profile, profile_table, profile_summary),
     Stage("generation", "Generation with the KV cache", 55, generation, generation_table, generation_summary),
 ]}
+assert sum(s.budget for s in STAGES.values()) <= TOTAL_BUDGET_S
 
 
 def reproduce(stage: Stage, opts) -> str:
@@ -827,8 +870,7 @@ def _row_errors(rows: list[dict]) -> list[str]:
 
 
 def _label(row: dict) -> str:
-    keys = ("config", "setting", "layer", "B", "K", "impl", "precision")
-    return " ".join(f"{k}={row[k]}" if k in ("B", "K") else str(row[k]) for k in keys if row.get(k) is not None)
+    return " ".join(str(row[k]) for k in ("config", "setting", "command", "precision") if row.get(k) is not None)
 
 
 def write_report(report: dict, out: Path) -> None:

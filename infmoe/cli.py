@@ -239,6 +239,8 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         bench.save(result, None, args.markdown)
         return
     positive_int("--repeats", args.repeats)
+    if args.tokens is not None:
+        positive_int("--tokens", args.tokens)
     for path in (args.json, args.markdown):
         if path:
             check_writable_file(path)  # before minutes of timing, not after
@@ -260,7 +262,7 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         choose("--models", name, MODEL_BATCH)
     result = bench.run(shapes, repeats=repeats, memory=not args.no_memory, models=models, device=device,
                        peak=not args.quick, precision=args.precision, decode_tokens=decode_tokens,
-                       new_tokens=new_tokens)
+                       new_tokens=new_tokens, compile=args.compile, tokens=args.tokens)
     print(bench.markdown(result), end="")
     bench.save(result, args.json, args.markdown)
 
@@ -496,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="as in training: auto = bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--no-memory", "--no_memory", action="store_true", help="skip the memory columns")
+    p.add_argument("--compile", action="store_true", help="also compiled layers and models (torch.compile)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per training call in the layer tables "
+                   "(default: each shape's own; a GPU wants >= 16384 to be GEMM-bound)")
     p.add_argument("--grid", action="store_true", help="sparse / full fwd+bwd time over B and K instead")
     p.add_argument("--render", default=None, metavar="JSON", help="re-render the tables of a saved --json result")
     p.add_argument("--json", default=None, help="write the results as JSON here")

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from infmoe import bench
+from infmoe import cli
 from infmoe.bench import (BASELINE, CACHE_FACTOR, FULL, SHAPES, TARGETS, MixtralPeer, Shape, build_layers,
-                          decode_variants, fixed_noise, generation_variants, layer_variants, markdown, targets)
+                          compile_variants, compiled_label, decode_variants, fixed_noise, generation_variants,
+                          infmoe_label, layer_variants, markdown, measurements, targets)
 from infmoe.cli import main
 from infmoe.layers import InfiniteMoE, build_ffn
 from infmoe.models import build_model, get_config
@@ -54,18 +56,24 @@ def quick(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    """The full run's code path (both named shapes, gpt2-small models, T = 1, 16, 128) at
-    small sizes: the shapes, models, generated tokens and the cache budget shrunk."""
+    """The full run's code path (both named shapes, both models, T = 1, 16, 128, --compile,
+    --tokens) at small sizes: the shapes, models, batches, generated tokens and the cache
+    budget shrunk, the peak-memory processes skipped, and compiled with a backend that
+    compiles in seconds (the graphs, whole or not, are the same)."""
     folder = tmp_path_factory.mktemp("bench_full")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(bench.SHAPES, "tiny", Shape("tiny", 32, 768, 64, 64, 8))
         mp.setitem(bench.SHAPES, "gpt2-small", Shape("gpt2-small", 32, 768, 64, 1, 8))
         mp.setattr(bench, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
-        mp.setitem(bench.GENERATE_TOKENS, "gpt2-small", 4)
+        for size in ("tiny", "gpt2-small"):
+            mp.setitem(bench.GENERATE_TOKENS, size, 4)
+            mp.setitem(cli.MODEL_BATCH, size, (2, 32))
         mp.setattr(bench, "l3_cache_bytes", lambda: 64 * 1024)
+        mp.setattr(bench, "peak_rss_rise", lambda *args: 0)
+        mp.setattr(bench, "COMPILE_BACKEND", "aot_eager")
         with bench_output():
-            assert main(["bench", "--shapes", "tiny,gpt2-small", "--models", "gpt2-small", "--repeats", "1",
-                         "--threads", "1", "--no-memory", "--json", str(folder / "b.json"),
+            assert main(["bench", "--shapes", "tiny,gpt2-small", "--models", "tiny,gpt2-small", "--repeats", "1",
+                         "--threads", "1", "--compile", "--tokens", "48", "--json", str(folder / "b.json"),
                          "--markdown", str(folder / "b.md")]) == 0
     return json.loads((folder / "b.json").read_text()), folder
 
@@ -91,16 +99,23 @@ def test_training_rows_record_the_layers_own_path_union_and_flops(quick):
     paths = set()
     for row in result["layers"]:
         layer = layers[row["variant"]]
+        k = getattr(layer, "n_samples", 1)
+        bench.layer_step(layer, x, True)()  # the same call as the timed ones
         if isinstance(layer, InfiniteMoE):
-            assert row["path"] == layer.plan(x.shape[0], layer.n_samples, grad=True), row["variant"]
+            # the path that ran, which is the one the dispatch rule names for training
+            assert row["path"] == layer.aux.path == layer.training_path(), row["variant"]
             # The unions are measured: the same layers' selections (same seed, same noise) give them.
             assert row["union"] == pytest.approx(union_from_selection(layer, x), abs=1e-6), row["variant"]
             paths.add(row["path"])
         else:
             assert row["path"] is None and row["union"] is None
-        # GFLOP/s from the layer's own FLOP count at the measured union; backward = 2 x forward
-        flops = 3 * x.shape[0] * layer.flops_per_token(getattr(layer, "n_samples", 1), union=row["union"])
+        # GFLOP/s from the layer's own FLOP counts at the measured union, what the method needs
+        # and what its path executes; backward = 2 x forward
+        flops = 3 * x.shape[0] * layer.flops_per_token(k, union=row["union"])
+        executed = 3 * x.shape[0] * layer.flops_per_token(k, union=row["union"], executed=True)
         assert row["gflops"] == pytest.approx(flops / row["fwd_bwd_ms"] / 1e6, rel=1e-9), row["variant"]
+        assert row["executed_gflops"] == pytest.approx(executed / row["fwd_bwd_ms"] / 1e6, rel=1e-9), row["variant"]
+        assert not row["compiled"] and (row["executed_gflops"] > row["gflops"]) == (row["path"] in ("full", "masked"))
     assert "masked" in paths and len(paths) >= 2  # the reference row and at least one fast path
 
 
@@ -168,8 +183,8 @@ def test_decode_rows_read_weights_from_memory_and_are_ratios(quick):
         assert row["budget_bytes"] == budget and budget <= row["copies"] * row["copy_bytes"]
         assert (row["copies"] - 1) * row["copy_bytes"] < budget
         if isinstance(layer, InfiniteMoE):
-            k = 1 if layer.mode == "mean" else layer.n_samples
-            assert row["path"] == layer.plan(1, k, grad=False), row["variant"]
+            bench.layer_step(layer, torch.randn(1, layer.d_model), False)()
+            assert row["path"] == layer.aux.path, row["variant"]
         else:
             assert row["path"] is None
     unions = [by(rows, "variant")[(bench.infmoe_label(64, k),)]["union"] for k in (1, 4, 16)]
@@ -235,18 +250,97 @@ def test_quick_result_renders_to_the_markdown_it_wrote(quick, tmp_path):
     assert targets(result) == [] and "| what |" not in md
 
 
+def not_compiled(result: dict) -> set[tuple]:
+    """The row keys of the layers and models that did not compile in `result`."""
+    return ({("train", r["shape"], r["variant"]) for r in result["layers"] if "error" in r}
+            | {("model", r["config"]) for r in result["models"] if "error" in r})
+
+
 def test_full_run_has_every_table_and_every_target(full):
     result, folder = full
     assert {r["shape"] for r in result["layers"]} == {"tiny", "gpt2-small"}
     assert sorted({(r["shape"], r["tokens"]) for r in result["decode"]}) == [
         (s, t) for s in ("gpt2-small", "tiny") for t in bench.DECODE_TOKENS]
     assert "gpt2-small-infmoe --block_size 256" in [r["config"] for r in result["models"]]
-    assert [c["what"] for c in targets(result)] == [t.what for t in TARGETS]
+    # Every target is measured, but one whose layer or model did not compile (its row says so).
+    unmeasured = [t for t in TARGETS if any(term not in measurements(result) for term in t.terms)]
+    assert all(set(t.terms) & not_compiled(result) for t in unmeasured), [t.what for t in unmeasured]
+    assert [c["what"] for c in targets(result)] == [t.what for t in TARGETS if t not in unmeasured]
     md = (folder / "b.md").read_text()
     assert md == markdown(result)
     with bench_output() as out:
         assert main(["bench", "--render", str(folder / "b.json"), "--markdown", str(folder / "again.md")]) == 0
     assert out.getvalue() == md == (folder / "again.md").read_text()
+
+
+def test_compiled_rows_are_timed_with_the_eager_ones_and_say_what_did_not_compile(full):
+    result, folder = full
+    md = (folder / "b.md").read_text()
+    train = by(result["layers"], "shape", "variant")
+    for shape in ("tiny", "gpt2-small"):
+        rows = [r for r in result["layers"] if r["shape"] == shape and r["compiled"]]
+        assert [r["variant"] for r in rows] == list(compile_variants(SHAPES[shape]))
+        base, full_width = (train[shape, compiled_label(name)] for name in (BASELINE, FULL))
+        for r in rows:
+            if "error" in r:
+                assert f"| {shape} | {r['variant']} | did not compile: {r['error']} |" in md
+                continue
+            assert r["fwd_ms"] is None and r["fwd_bwd_ms"] > 0 and r["saved_mb"] >= 0 and r["peak_mb"] is None
+            assert r["vs_dense"] == pytest.approx(r["fwd_bwd_ms"] / base["fwd_bwd_ms"], rel=1e-9)
+            assert r["vs_full"] == pytest.approx(r["fwd_bwd_ms"] / full_width["fwd_bwd_ms"], rel=1e-9)
+            eager = r["variant"].removesuffix(", compiled")
+            twin = train.get((shape, eager)) or train.get((shape, f"{eager} (as configured)"))
+            assert r["vs_eager"] == (None if twin is None else pytest.approx(r["fwd_bwd_ms"] / twin["fwd_bwd_ms"]))
+        # compiled on the CPU, ∞-MoE takes the static plan, whose CPU costs pick the fused
+        # full path at B = 1 and B = 64 alike (docs/speed.md)
+        for block in (1, 64):
+            assert train[shape, compiled_label(infmoe_label(block, 1))]["path"] == "full"
+    models = {r["config"]: r for r in result["models"]}
+    for size in ("tiny", "gpt2-small"):
+        for ffn in bench.COMPILE_MODELS:
+            row = models[f"{size}-{ffn} --compile"]
+            assert row["compiled"] and ("error" in row or row["tokens_per_s"] > 0)
+    assert result["machine"]["compile_backend"] == "aot_eager" and "`torch.compile(fullgraph=True)`, aot_eager" in md
+
+
+def test_a_layer_that_does_not_compile_whole_gets_a_row_that_says_so(monkeypatch):
+    class Breaks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return self.linear(x)
+
+    shape = Shape("quick", 32, 768, 64, 64, 8)
+    monkeypatch.setattr(bench, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(bench, "layer_variants", lambda shape, peers=True: bench.dense_variants(shape))
+    monkeypatch.setattr(bench, "compile_variants", lambda shape: {compiled_label(BASELINE): lambda: bench.DenseMLP(32, 384),
+                                                                 "breaks, compiled": Breaks})
+    with bench_output():
+        rows = bench.layer_table(shape, 1, False, torch.device("cpu"), compile=True)
+    assert [r["variant"] for r in rows] == [BASELINE, FULL, compiled_label(BASELINE), "breaks, compiled"]
+    assert rows[3]["error"].startswith("Unsupported: ") and "graph_break" in rows[3]["error"]
+    assert rows[2]["vs_eager"] == pytest.approx(rows[2]["fwd_bwd_ms"] / rows[0]["fwd_bwd_ms"])
+    md = markdown(dict(machine=dict(device="cpu", gpu=None, processor="x", threads=1, torch="2"), repeats=1,
+                       layers=rows, models=[]))
+    assert f"| quick | breaks, compiled | did not compile: {rows[3]['error']} |" in md
+
+
+def test_saved_for_backward_per_k_is_measured_and_a_target(quick, full):
+    result, md, _ = quick
+    rows = result["saved"]
+    assert [(r["shape"], r["samples"], r["tokens"]) for r in rows] == [("quick", k, 512) for k in (1, 4, 16)]
+    x = torch.randn(512, SHAPES["quick"].d_model, requires_grad=True)
+    for r in rows:
+        assert r["vs_k1"] == pytest.approx(r["saved_mb"] / rows[0]["saved_mb"])
+        layer = bench.infmoe_builder(SHAPES["quick"], 1, r["samples"])()
+        assert r["saved_mb"] == pytest.approx(bench.saved_bytes(layer, x) / 2**20) and r["path"] == layer.aux.path
+        assert f"| quick | {r['samples']} | {r['path']} | {r['saved_mb']:.1f} | {r['vs_k1']:.2f} |" in md
+    saved = {r["samples"]: r["saved_mb"] for r in full[0]["saved"] if r["shape"] == "gpt2-small"}
+    (check,) = [c for c in targets(full[0]) if c["what"].startswith("saved for backward gpt2-small")]
+    assert check["measured"] == pytest.approx(saved[16] / saved[1]) and check["limit"] == 1.25
 
 
 def test_targets_are_measured_from_their_rows_and_met_when_within(full):
@@ -281,9 +375,10 @@ def test_a_target_follows_its_rows(full):
         rows["tiny", "∞-MoE B=64 K=1 (as configured)"]["fwd_bwd_ms"] = scale * base
         check = next(c for c in targets(doctored) if c["what"] == what)
         assert check["measured"] == pytest.approx(scale) and check["met"] is met
-    del doctored["generation"][0]  # the dense generation row
+    doctored["generation"] = [r for r in doctored["generation"] if r["variant"] != "gpt2-small-dense"]
     left = [c["what"] for c in targets(doctored)]
-    assert len(left) == len(TARGETS) - 1 and "model: gpt2-small-infmoe generate tokens/s at K=1 / dense" not in left
+    assert len(left) == len(targets(result)) - 1
+    assert "model: gpt2-small-infmoe generate tokens/s at K=1 / dense" not in left
 
 
 def test_the_named_shapes_are_what_the_configs_build():
