@@ -38,3 +38,13 @@ def test_decode_kernels_reports_each_kernel_with_its_bandwidth():
     all_rows = [float(mb) for kernel, mb, *_ in rows if "all rows" in kernel]
     chosen = [float(mb) for kernel, mb, *_ in rows if "chosen rows" in kernel]
     assert all_rows and chosen and all(abs(a - 2 * c) < 0.11 for a in all_rows for c in chosen)  # half the rows chosen
+
+
+def test_compiled_paths_times_the_grouped_and_full_paths_as_they_ran():
+    rows = table("compiled_paths.py", "--d", "32", "--hidden", "256", "--block", "16", "--tokens", "64",
+                 "--repeats", "1")
+    assert [(row[0].split(" K=1 ")[-1], row[1]) for row in rows] == [
+        ("dense, active width", "—"), ("grouped", "grouped"), ("full", "full")]
+    base = float(rows[0][2])
+    for _, _, ms, ratio in rows:
+        assert abs(float(ratio) - float(ms) / base) <= 0.01 + 0.02 * float(ratio)  # printed rounded

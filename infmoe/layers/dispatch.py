@@ -65,11 +65,11 @@ DECODE_LIMIT = {"host": 0.8, "static": 0.8}
 # Grouped-matmul overhead per row against a dense MLP, in units of B: sparse costs
 # fraction · (a + b / B) of the full path. Host: fitted (sparse/full at 2048 tokens, d = 768,
 # H = 6144, fp32, 2 threads). Static: a guess until a GPU measures it.
-# Compiled on the CPU (the static plan on the CPU's own tensors): the grouped path gathers
-# all K · T · n_kept rows at once, and at B = 64, K = 1, 2048 tokens (d = 768, H = 6144,
-# fp32, 2 threads, inductor) it took 2.8x the compiled full path (2265 ms against 818 ms,
-# which Inductor fuses to below a dense MLP of width H): never worth it there.
-SPARSE_COST = {"host": (1.05, 37.0), "static": (1.0, 16.0), "compiled-cpu": (5.5, 0.0)}
+# Compiled on the CPU (the static plan on the CPU's own tensors), the grouped path gathers
+# all K · T · n_kept rows at once: at B = 64, K = 1 (fraction 0.5), 2048 tokens, d = 768,
+# H = 6144, fp32, 2 threads it took 1.54x the compiled full path (1194 ms against 774 ms,
+# `python benchmarks/compiled_paths.py`): a = 1.54 / 0.5.
+SPARSE_COST = {"host": (1.05, 37.0), "static": (1.0, 16.0), "compiled-cpu": (3.1, 0.0)}
 
 
 def choose_path(layer, *, device: torch.device, dtype: torch.dtype, grad: bool, tokens: int, n_samples: int,
