@@ -290,7 +290,7 @@ class InfiniteMoE(FFNLayer):
 
     @torch.no_grad()
     def _statistics(self, route: Route, used: torch.Tensor, score, samples_used) -> dict[str, torch.Tensor]:
-        used = used.float().mean(0) if used.dim() == 2 else used.to(torch.promote_types(used.dtype, torch.float32))
+        used = (used.float().mean(0) if used.dim() == 2 else used).float()
         mu, sigma = route.moments()
         return {
             "sigma_mean": sigma.mean(),

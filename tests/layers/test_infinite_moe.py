@@ -254,7 +254,8 @@ def test_train_samples_draw_k_for_each_training_forward_only():
     layer.eval()
     for _ in range(5):
         layer(x)
-        assert layer.aux.stats["union_fraction"].item() == 0.5  # inference: n_samples = 1
+        # inference: n_samples = 1 keeps exactly N; fp32 rounds the mean of 12 per-block shares
+        assert layer.aux.stats["union_fraction"].item() == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ConfigError, match="train_samples"):
         make(train_samples=[1, 0])
     with pytest.raises(ConfigError, match="train_samples"):
