@@ -48,3 +48,13 @@ def test_compiled_paths_times_the_grouped_and_full_paths_as_they_ran():
     base = float(rows[0][2])
     for _, _, ms, ratio in rows:
         assert abs(float(ratio) - float(ms) / base) <= 0.01 + 0.02 * float(ratio)  # printed rounded
+
+
+def test_profile_full_lists_the_heaviest_ops_between_the_two_whole_steps():
+    rows = table("profile_full.py", "--d", "32", "--hidden", "256", "--tokens", "64", "--top", "4")
+    assert rows[0][0].startswith("(dense MLP") and rows[-1][0].startswith("(∞-MoE")
+    total = float(rows[-1][1])
+    ops = rows[1:-1]
+    assert len(ops) == 4 and any(op == "aten::topk" for op, *_ in ops)  # the selection shows up
+    assert [float(ms) for _, ms, _ in ops] == sorted((float(ms) for _, ms, _ in ops), reverse=True)
+    assert sum(float(ms) for _, ms, _ in ops) <= total + 0.1
