@@ -45,7 +45,7 @@ def main() -> None:
             times[name].append(step(layer))
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     base = ms["dense, active width"]
-    print(f"| variant, compiled | path | fwd+bwd ms | vs dense active |\n|---|---|---|---|")
+    print("| variant, compiled | path | fwd+bwd ms | vs dense active |\n|---|---|---|---|")
     for name, value in ms.items():
         path = getattr(variants[name].aux, "path", None) or "—"
         print(f"| {name} | {path} | {value:.3f} | {value / base:.2f} |")

@@ -38,7 +38,7 @@ def main() -> None:
     _, dense_total = self_ms(torch.compile(DenseMLP(args.d, args.hidden), fullgraph=True), x)
     layer = InfiniteMoE(args.d, args.hidden, d_z=48, block_size=1, impl="full")
     per_op, total = self_ms(torch.compile(layer, fullgraph=True), x)
-    print(f"| op | self CPU ms / step | share |\n|---|---|---|")
+    print("| op | self CPU ms / step | share |\n|---|---|---|")
     print(f"| (dense MLP of width H, whole step) | {dense_total:.1f} | {dense_total / total:.0%} |")
     for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"| {name} | {ms:.1f} | {ms / total:.0%} |")

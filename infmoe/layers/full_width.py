@@ -43,7 +43,6 @@ Nothing here reads tensor data on the host or keeps Python state across calls un
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -251,19 +250,3 @@ def full_width_ffn(x: torch.Tensor, z: torch.Tensor, score: torch.nn.Linear, w_i
     z, score_w, score_b = (u.to(routing) for u in (z, score.weight, score.bias))
     with torch.autocast(device, enabled=False):
         return FullWidthFFN.apply(x, z, score_w, score_b, w_in, b_in, w_out, b_out, n_kept, sigmoid)
-
-
-def saved_bytes(fn: Callable[[], object]) -> int:
-    """Bytes autograd saves for backward while fn() runs: the sum of the sizes of the
-    distinct storages behind the tensors it packs (parameters and inputs included, each
-    storage once however many views of it are saved)."""
-    storages: dict[int, torch.UntypedStorage] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage  # held until fn returns: no address reused
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(storage.nbytes() for storage in storages.values())
