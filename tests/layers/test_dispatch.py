@@ -113,3 +113,19 @@ def test_executed_flops_follow_the_path_of_the_device():
     assert layer.flops_per_token(2, executed=True) == pytest.approx(method)
     full = layer.flops_per_token(2, union=1.0)
     assert layer.flops_per_token(2, executed=True, device="cuda", dtype=torch.bfloat16) == pytest.approx(full)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_static_decoding_reads_nothing_on_the_host(k):
+    """One decoding step of CUDA's plan: no per-token loop of `nonzero`s as the host's rows
+    path has, nothing data-dependent at all; the host plan's rows path is seen reading."""
+    from dispatch_count import count_data_dependent_ops
+
+    layer = infmoe(torch.float32, block_size=4, n_samples=k, active_fraction=0.25).eval()  # K · N < 1
+    x = inputs(torch.float32, k, t=1)[0]
+    with torch.no_grad(), plan_device("cuda"):
+        assert not count_data_dependent_ops(lambda: layer(x))
+    assert layer.aux.path == "gather"
+    with torch.no_grad():
+        assert count_data_dependent_ops(lambda: layer(x))
+    assert layer.aux.path == "rows"
