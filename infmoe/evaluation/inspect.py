@@ -255,9 +255,9 @@ def sigma_curve(run_dir: str | Path) -> dict[str, list[float]]:
     """σ over training from `run_dir`'s metrics.jsonl: steps, ``sigma_mean`` (the mean over
     layers that training logs) and ``sigma_over_mu`` where logged; a `ConfigError` when the
     folder holds no metrics.jsonl."""
-    from infmoe.experiments.runner import read_curve
+    from infmoe.training.metrics import METRICS_FILE, read_curve
 
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ConfigError(f"--run {run_dir} holds no metrics.jsonl: give the --out_dir folder of an infmoe train run")
     curve = read_curve(path)

@@ -25,6 +25,7 @@ import numpy as np
 from infmoe.errors import ConfigError
 from infmoe.experiments.spec import Job, Spec
 from infmoe.io import write_text
+from infmoe.training.metrics import METRICS_FILE, read_curve
 
 
 def pending(spec: Spec) -> list[Job]:
@@ -190,7 +191,7 @@ def evaluate_job(job: Job, checkpoint: Path, eval_tokens: int, samples: list[int
         "headline": headline.to_dict(), "sweep": [r.to_dict() for r in rows],
         "baselines": {"unigram": unigram_loss(data.train, data.valid, data.vocab_size),
                       "bigram": bigram_loss(data.train, data.valid, data.vocab_size)},
-        "curve": read_curve(checkpoint.parent / "metrics.jsonl"),
+        "curve": read_curve(checkpoint.parent / METRICS_FILE),
         "threads": torch.get_num_threads(),
         "device": str(device),
         "precision": "bf16" if uses_bf16(cfg.get("precision", "auto"), device) else "fp32",
@@ -220,30 +221,6 @@ def zeroshot(model, tokenizer, tasks: dict[str, str], n_samples: int | None = No
     return out
 
 
-ROUTING_SERIES = ("sigma_mean", "sigma_over_mu", "sample_disagreement", "kl", "union_fraction", "usage_entropy",
-                  "ever_used_fraction", "load_balance", "component_entropy")
-# curve series name -> metrics.jsonl key, logged with each training loss
-_CURVE_SERIES = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
-
-
-def read_curve(path: Path) -> dict[str, list[float]]:
-    """Train and validation loss over steps, training tokens/s, and the routing statistics
-    logged with the training loss, from metrics.jsonl. A resumed run logs the steps after its
-    checkpoint twice; the later row of each step wins, as it is the one the run continued from."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    train = {row["step"]: row for row in rows if "train/loss" in row}
-    val = {row["step"]: row for row in rows if "val/loss" in row}
-    curve: dict[str, list[float]] = {"step": sorted(train), "train_loss": [], "val_step": sorted(val)}
-    curve["val_loss"] = [val[step]["val/loss"] for step in curve["val_step"]]
-    for step in curve["step"]:
-        row = train[step]
-        curve["train_loss"].append(row["train/loss"])
-        for name, source in _CURVE_SERIES.items():
-            if source in row:
-                curve.setdefault(name, []).append(row[source])
-    return curve
-
-
 def training_minutes(record: dict[str, Any]) -> float:
     """Minutes spent in training steps, from the logged tokens/s of each logging interval
     (validation and checkpoint time left out; a resumed run counted once)."""
@@ -261,7 +238,7 @@ def refresh_curves(spec: Spec) -> int:
     results written by an older version gain what `read_curve` now records."""
     refreshed = 0
     for job in spec.jobs:
-        result, metrics = spec.result_path(job), Path(job.settings["out_dir"]) / "metrics.jsonl"
+        result, metrics = spec.result_path(job), Path(job.settings["out_dir"]) / METRICS_FILE
         if result.exists() and metrics.exists():
             record = json.loads(result.read_text())
             curve = read_curve(metrics)

@@ -4,12 +4,79 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from pathlib import Path
 
 import torch
 
+from infmoe.errors import InfmoeError
 from infmoe.io import write_errors, write_failure, write_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsError(InfmoeError):
+    """A metrics.jsonl that is not ours or was damaged in its middle."""
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl, in file order; [] when the file is missing or empty.
+
+    A process killed (or a disk filled) mid-append leaves the last line cut short: that
+    line is dropped with a note on stderr, as any reader of an append-only log must. A bad
+    line anywhere else, or a row without an integer ``step``, is damage: one `MetricsError`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise MetricsError(f"cannot read {path}: {err.strerror}") from None
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                print(f"infmoe: note: dropped the partial last line of {path} (a crash or a full disk cut it)",
+                      file=sys.stderr)
+                break
+            raise MetricsError(f"{path} line {number} is not JSON: the log is damaged; "
+                               "delete that line or the file") from None
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise MetricsError(f"{path} line {number} has no integer 'step': not an infmoe metrics log; "
+                               "give the --out_dir of an infmoe train run")
+        rows.append(row)
+    return rows
+
+
+ROUTING_SERIES = ("sigma_mean", "sigma_over_mu", "sample_disagreement", "kl", "union_fraction", "usage_entropy",
+                  "ever_used_fraction", "load_balance", "component_entropy")
+# curve series name -> metrics.jsonl key, logged with each training loss
+_CURVE_SERIES = {"tokens_per_s": "train/tokens_per_s"} | {name: f"routing/{name}" for name in ROUTING_SERIES}
+
+
+def read_curve(path: Path) -> dict[str, list[float]]:
+    """Train and validation loss over steps, training tokens/s, and the routing statistics
+    logged with the training loss, from metrics.jsonl. A resumed run logs the steps after its
+    checkpoint twice; the later row of each step wins, as it is the one the run continued from."""
+    rows = read_metrics(path)
+    train = {row["step"]: row for row in rows if "train/loss" in row}
+    val = {row["step"]: row for row in rows if "val/loss" in row}
+    curve: dict[str, list[float]] = {"step": sorted(train), "train_loss": [], "val_step": sorted(val)}
+    curve["val_loss"] = [val[step]["val/loss"] for step in curve["val_step"]]
+    for step in curve["step"]:
+        row = train[step]
+        curve["train_loss"].append(row["train/loss"])
+        for name, source in _CURVE_SERIES.items():
+            if source in row:
+                curve.setdefault(name, []).append(row[source])
+    return curve
 
 
 class MetricsLog:
@@ -21,12 +88,12 @@ class MetricsLog:
     """
 
     def __init__(self, out_dir: Path, *, resume_step: int | None, tensorboard: bool) -> None:
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_FILE
         if resume_step is None:
             write_text(self.path, "")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self.writer = None
         self._excepthook = None
         if tensorboard:

@@ -8,7 +8,8 @@ import yaml
 from infmoe.cli import main
 from infmoe.errors import ConfigError
 from infmoe.experiments import load_spec
-from infmoe.experiments.runner import bigram_loss, read_curve, spikes, training_minutes
+from infmoe.experiments.runner import bigram_loss, spikes, training_minutes
+from infmoe.training.metrics import read_curve
 
 
 def write_spec(tmp_path, corpus, cache_dir, **extra) -> str:
