@@ -23,6 +23,66 @@ class OutputError(InfmoeError):
     """An output file or folder that cannot be written (permissions, disk full, ...)."""
 
 
+class FolderBusy(OutputError):
+    """Another live process holds the folder's lock."""
+
+
+LOCK_FILE = ".infmoe.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, fix: str) -> Iterator[Path]:
+    """Hold an exclusive OS lock on `folder` (made if needed) for the block, or raise
+    `FolderBusy` naming the PID of the process that holds it, with `fix` as the way out.
+
+    The lock is the operating system's (flock on POSIX, a byte-range lock on Windows), so
+    it dies with its process: a kill -9 never leaves a stale lock behind. The lock file
+    stays in the folder: deleting it on release would let a process still opening the old
+    file and a newcomer creating a new one both hold "the" lock.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(f"cannot write to {folder}: {err.strerror or err}; choose a writable folder") from None
+    try:
+        if not _try_lock(fd):
+            holder = _read_holder(path)
+            raise FolderBusy(f"{folder} is in use by another infmoe process (PID {holder}); {fix}")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip() or "unknown"
+    except OSError:  # Windows refuses to read a locked byte range
+        return "unknown"
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def write_failure(path: str | os.PathLike, err: BaseException) -> OutputError:
     """One `OutputError` line for a failed write of `path`, whichever library raised it."""
     return OutputError(f"cannot write {path}: {os_reason(err)}; free disk space or choose a writable folder")

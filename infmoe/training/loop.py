@@ -25,7 +25,7 @@ from infmoe.data import prepare, unigram_loss
 from infmoe.device import autocast_for, pick_device
 from infmoe.errors import CheckpointError, InfmoeError
 from infmoe.evaluation.perplexity import eval_batches, evaluate_loss, perplexity
-from infmoe.io import OutputError, check_writable, remove_stale_temporaries
+from infmoe.io import OutputError, check_writable, folder_lock, remove_stale_temporaries
 from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import GPT, GPTConfig
 from infmoe.randomness import derive_seed
@@ -86,7 +86,11 @@ def train(cfg: TrainConfig, model_config: GPTConfig, *,
     """
     world, device = init_world(cfg.parallel, pick_device(cfg.device))
     try:
-        return _train(cfg, model_config, world, device, on_step)
+        # One writer per run folder: two runs into one folder would interleave their logs
+        # and overwrite each other's checkpoints.
+        with folder_lock(cfg.out_dir, fix="wait for it to end or choose another --out_dir") if world.is_main \
+                else contextlib.nullcontext():
+            return _train(cfg, model_config, world, device, on_step)
     finally:
         shutdown(world)
 

@@ -1,0 +1,65 @@
+"""A run folder under stress: a second writer, a resume that must log as if never stopped,
+a log cut mid-line, and settings that must be refused before anything is written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from infmoe.cli import main
+from infmoe.io import LOCK_FILE, FolderBusy, folder_lock
+from infmoe.training import resolve, train
+from infmoe.training.metrics import read_metrics
+
+
+def argv(settings: dict) -> list[str]:
+    return ["train", *(item for key, value in settings.items() for item in (f"--{key}", str(value)))]
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def holder_pid(folder) -> str:
+    path = folder / LOCK_FILE
+    return path.read_text().strip() if path.exists() else ""
+
+
+def test_a_second_training_into_a_busy_folder_is_refused_with_the_holders_pid(tmp_path, micro, capsys):
+    settings = micro(tmp_path / "run", max_steps=400, eval_interval=400, save_interval=400)
+    first = subprocess.Popen([sys.executable, "-m", "infmoe.cli", *argv(settings)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: holder_pid(tmp_path / "run") == str(first.pid) or first.poll() is not None,
+                 "the first training to take the folder")
+        assert first.poll() is None, first.stderr.read().decode()
+        assert main(argv(dict(settings, seed=2))) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"PID {first.pid}" in err and "another --out_dir" in err
+        assert first.poll() is None  # the first run goes on undisturbed
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    code = f"from infmoe.io import folder_lock\nwith folder_lock({str(tmp_path)!r}, fix='x'):\n    input()"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        wait_for(lambda: holder_pid(tmp_path) == str(holder.pid), "the holder to take the lock")
+        with pytest.raises(FolderBusy, match=f"PID {holder.pid}"):
+            with folder_lock(tmp_path, fix="x"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with folder_lock(tmp_path, fix="x"):  # the kernel released it with the process
+        assert holder_pid(tmp_path) == str(os.getpid())
