@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     ckpt = _resumable(ckpt_path, cfg, model_config, data.meta, world) if cfg.resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt.weights, strict=False)
-        monitor.load_state(ckpt.extra)
+        monitor.load_state(ckpt.extra, device)
     engine = wrap(model, world, device)
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
@@ -152,7 +152,8 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
         weights, optimizer_state = full_state(model, optimizer, world)  # a collective under FSDP
         if world.is_main:
             state = {"step": step, "train_config": dataclasses.asdict(cfg), "world_size": world.world_size,
-                     "val_loss": val_loss, "data": {"source": cfg.data, "meta": data.meta}, "unigram_loss": baseline}
+                     "val_loss": val_loss, "data": {"source": cfg.data, "meta": data.meta}, "unigram_loss": baseline,
+                     "interval": {"loss_sum": interval_loss, "steps": interval_steps}}
             save_checkpoint(ckpt_path, model, weights=weights, optimizer_state=optimizer_state, state=state,
                             tokenizer_files=saved_tokenizer, extra_tensors=monitor.state())
 
@@ -160,7 +161,12 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     tokens_per_step = global_batch(cfg, world) * seq_len
     val_loss = None
     bar = tqdm(total=end, initial=start, disable=not cfg.progress or not world.is_main, unit="step", dynamic_ncols=True)
-    interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
+    # The logging interval still open at the checkpoint goes on where it was, so a resumed
+    # run logs the averages the uninterrupted run logs; only the steps timed here count for
+    # tokens/s.
+    interval = ckpt.state.get("interval", {}) if ckpt is not None else {}
+    interval_loss, interval_steps = float(interval.get("loss_sum", 0.0)), int(interval.get("steps", 0))
+    interval_start, timed_steps = time.perf_counter(), 0
     model.train()
     step, stopped_by = start, None
     try:
@@ -191,22 +197,23 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                interval_loss, interval_steps = interval_loss + loss, interval_steps + 1
+                interval_loss, interval_steps, timed_steps = interval_loss + loss, interval_steps + 1, timed_steps + 1
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, loss)
 
-                if step % cfg.log_interval == 0 or step == end:
+                # Not at --stop_at: its open interval is saved and closes when the run resumes.
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
                     elapsed = time.perf_counter() - interval_start
                     values = {"train/loss": interval_loss / interval_steps, "train/lm_loss": float(out.lm_loss.detach()),
                               "train/aux_loss": float(out.aux_loss.detach()), "train/lr": lr,
                               "train/grad_norm": float(grad_norm),
-                              "train/tokens_per_s": tokens_per_step * interval_steps / elapsed}
+                              "train/tokens_per_s": tokens_per_step * timed_steps / elapsed}
                     values.update(monitor.summary())
                     if log is not None:
                         log.log(step, values)
                     bar.set_postfix(loss=f"{values['train/loss']:.3f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
-                    interval_start, interval_loss, interval_steps = time.perf_counter(), 0.0, 0
+                    interval_start, interval_loss, interval_steps, timed_steps = time.perf_counter(), 0.0, 0, 0
                 if step % cfg.eval_interval == 0 or step == end:
                     val_loss = evaluate_loss(engine, val_batches, device, autocast=autocast,
                                              rank=world.rank, world_size=world.world_size)

@@ -183,9 +183,17 @@ class RoutingMonitor:
         return out
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"ever_used.{layer}": used.to(torch.uint8).cpu() for layer, used in self.ever_used.items()}
+        """What a checkpoint keeps: whole-run usage, and the values of the logging interval
+        still open, so a resumed run logs exactly what the uninterrupted run would."""
+        out = {f"ever_used.{layer}": used.to(torch.uint8).cpu() for layer, used in self.ever_used.items()}
+        out |= {f"usage.{layer}": usage.cpu() for layer, usage in self.usage.items()}
+        out |= {f"interval.{key}": torch.stack(values).cpu() for key, values in self.scalars.items()}
+        return out
 
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.ever_used = {k.split(".", 1)[1]: v.bool() for k, v in tensors.items() if k.startswith("ever_used.")}
+    def load_state(self, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v.to(device) for k, v in tensors.items() if k.startswith(prefix)}
 
-
+        self.ever_used = {layer: used.bool() for layer, used in part("ever_used.").items()}
+        self.usage = part("usage.")
+        self.scalars = {key: list(values.unbind()) for key, values in part("interval.").items()}

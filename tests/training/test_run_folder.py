@@ -63,3 +63,34 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         holder.wait()
     with folder_lock(tmp_path, fix="x"):  # the kernel released it with the process
         assert holder_pid(tmp_path) == str(os.getpid())
+
+
+def logged(folder) -> dict[int, dict]:
+    return {row["step"]: row for row in read_metrics(folder / "metrics.jsonl") if "train/loss" in row}
+
+
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path, micro):
+    # The checkpoint at step 4 falls inside the interval logged at step 6.
+    settings = dict(log_interval=3, save_interval=4)
+    train(*resolve(micro(tmp_path / "whole", **settings)))
+    train(*resolve(micro(tmp_path / "split", stop_at=4, **settings)))
+    train(*resolve(micro(tmp_path / "split", resume=True, **settings)))
+    whole, split = logged(tmp_path / "whole"), logged(tmp_path / "split")
+    assert sorted(whole) == sorted(split) == [3, 6, 8]
+    for step in whole:
+        for key in whole[step]:
+            if key != "train/tokens_per_s":  # wall-clock time differs; everything else may not
+                assert split[step][key] == whole[step][key], (step, key)
+        assert split[step]["train/tokens_per_s"] > 0
+
+
+def test_a_partial_last_metrics_line_is_dropped_on_resume(tmp_path, micro, capsys):
+    folder = tmp_path / "run"
+    assert main(argv(micro(folder, stop_at=4, log_interval=1))) == 0
+    metrics = folder / "metrics.jsonl"
+    whole = metrics.read_bytes()
+    metrics.write_bytes(whole + b'{"step": 5, "train/lo')  # what a crash mid-append leaves
+    assert main(argv(micro(folder, log_interval=1, resume=True))) == 0
+    assert "dropped the partial last line" in capsys.readouterr().err
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))
