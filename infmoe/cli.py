@@ -130,7 +130,10 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         print(f"stopped by {result.interrupted_by} at step {result.step}; checkpoint saved to {result.checkpoint}; "
               f"continue with: infmoe train --out_dir {cfg.out_dir} --resume ...", file=sys.stderr)
         return 130 if result.interrupted_by == "SIGINT" else 143
-    if result.val_loss is not None:
+    if result.step == result.start:
+        print(f"nothing to train: the checkpoint in {cfg.out_dir} is already at step {result.step}, where this "
+              "run ends; raise --max_steps (or --stop_at) to train longer", file=sys.stderr)
+    elif result.val_loss is not None:
         print(f"final validation loss {result.val_loss:.4f} (perplexity {perplexity(result.val_loss):.2f}); "
               f"unigram baseline {result.unigram_loss:.4f}; checkpoint {result.checkpoint}")
     return 0

@@ -23,7 +23,7 @@ from infmoe.checkpoint import CHECKPOINT_FILE as CHECKPOINT
 from infmoe.checkpoint import Checkpoint, check_finite, load_checkpoint, save_checkpoint
 from infmoe.data import prepare, unigram_loss
 from infmoe.device import autocast_for, pick_device
-from infmoe.errors import CheckpointError, InfmoeError
+from infmoe.errors import CheckpointError, ConfigError, InfmoeError
 from infmoe.evaluation.perplexity import eval_batches, evaluate_loss, perplexity
 from infmoe.io import OutputError, check_writable, folder_lock, remove_stale_temporaries
 from infmoe.loading import load_model_and_tokenizer
@@ -55,6 +55,7 @@ class TrainResult:
     unigram_loss: float
     interrupted_by: str | None = None
     rank: int = 0
+    start: int = 0  # the step this session began at (a resumed checkpoint's)
 
 
 class _StopFlag:
@@ -135,6 +136,11 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
     if ckpt is not None:
         load_optimizer_state(model, optimizer, ckpt.optimizer, world)
     start = int(ckpt.state["step"]) if ckpt is not None else 0
+    end = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
+    if start > end:
+        raise ConfigError(f"--resume: the checkpoint in {out_dir} is at step {start}, past the "
+                          f"{'--stop_at' if end < cfg.max_steps else '--max_steps'} of {end}; nothing would "
+                          "be trained: raise it above the checkpoint's step")
     forward = torch.compile(engine) if cfg.compile else engine
     autocast = autocast_for(cfg.precision, device)
     log = MetricsLog(out_dir, resume_step=start if ckpt else None, tensorboard=cfg.tensorboard) if world.is_main else None
@@ -157,7 +163,6 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
             save_checkpoint(ckpt_path, model, weights=weights, optimizer_state=optimizer_state, state=state,
                             tokenizer_files=saved_tokenizer, extra_tensors=monitor.state())
 
-    end = min(cfg.max_steps, cfg.stop_at or cfg.max_steps)
     tokens_per_step = global_batch(cfg, world) * seq_len
     val_loss = None
     bar = tqdm(total=end, initial=start, disable=not cfg.progress or not world.is_main, unit="step", dynamic_ncols=True)
@@ -237,7 +242,7 @@ def _train(cfg: TrainConfig, model_config: GPTConfig, world: World, device: torc
         _close(bar, log, quietly=True)
         raise
     _close(bar, log)
-    return TrainResult(out_dir, ckpt_path, step, val_loss, baseline, stopped_by, world.rank)
+    return TrainResult(out_dir, ckpt_path, step, val_loss, baseline, stopped_by, world.rank, start)
 
 
 def _close(bar, log: MetricsLog | None, quietly: bool = False) -> None:

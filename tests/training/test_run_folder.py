@@ -94,3 +94,16 @@ def test_a_partial_last_metrics_line_is_dropped_on_resume(tmp_path, micro, capsy
     assert "dropped the partial last line" in capsys.readouterr().err
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
     assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))
+
+
+def test_resuming_past_the_end_says_nothing_was_trained(tmp_path, micro, capsys):
+    folder = tmp_path / "run"
+    assert main(argv(micro(folder))) == 0
+    capsys.readouterr()
+    before = (folder / "checkpoint.safetensors").read_bytes()
+    assert main(argv(micro(folder, resume=True))) == 0
+    assert "nothing to train" in capsys.readouterr().err
+    assert main(argv(micro(folder, resume=True, max_steps=6))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "at step 8, past the --max_steps of 6" in err
+    assert (folder / "checkpoint.safetensors").read_bytes() == before
