@@ -6,6 +6,7 @@ everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -52,14 +53,26 @@ def positive_int(field: str, value: object) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1  # what torch, numpy and an int64 in a saved config all hold
+
+
+def seed_int(field: str, value: object) -> int:
+    """Return `value` if it is an int in [0, MAX_SEED] (bools excluded), else raise a `ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise invalid(field, value, "must be an integer in [0, 2**63 - 1]")
+    return value
+
+
 def real(field: str, value: object, *, low: float, high: float = float("inf"), open_low: bool = False) -> float:
-    """Return `value` as a float if it is a number in [low, high] (or (low, high] when
-    `open_low`), else raise a `ConfigError` stating the range."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Return `value` as a float if it is a finite number in [low, high] (or (low, high]
+    when `open_low`), else raise a `ConfigError` stating the range. Infinity and NaN are
+    refused even where the range is open above: no setting means "unbounded" by them, and
+    a saved config could not hold them as JSON."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not number or value > high or value < low or (open_low and value == low):
-        left = "(" if open_low else "["
-        right = "]" if high != float("inf") else ")"
-        raise invalid(field, value, f"must lie in {left}{low:g}, {high:g}{right}")
+        if high == float("inf"):
+            raise invalid(field, value, f"must be a finite number {'>' if open_low else '>='} {low:g}")
+        raise invalid(field, value, f"must be a number in {'(' if open_low else '['}{low:g}, {high:g}]")
     return float(value)
 
 

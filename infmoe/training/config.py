@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from infmoe.errors import ConfigError, choose, invalid, positive_int, real
+from infmoe.errors import ConfigError, choose, invalid, positive_int, real, seed_int
 from infmoe.layers import ffn_option_names
 from infmoe.models import GPTConfig, get_config
 
@@ -67,6 +67,7 @@ class TrainConfig:
                 positive_int(name, getattr(self, name))
         if self.warmup_steps < 0 or self.warmup_steps >= self.max_steps:
             raise ConfigError(f"warmup_steps={self.warmup_steps} is invalid: must lie in [0, max_steps={self.max_steps})")
+        seed_int("seed", self.seed)
         real("lr", self.lr, low=0, open_low=True)
         real("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
         real("weight_decay", self.weight_decay, low=0)

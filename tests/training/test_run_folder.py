@@ -107,3 +107,17 @@ def test_resuming_past_the_end_says_nothing_was_trained(tmp_path, micro, capsys)
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "at step 8, past the --max_steps of 6" in err
     assert (folder / "checkpoint.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("seed", "-1", "seed=-1"), ("seed", "abc", "seed='abc'"), ("seed", "1.5", "seed=1.5"),
+    ("seed", str(2**70), f"seed={2**70}"),
+    ("kl_free", ".inf", "kl_free=inf is invalid: must be a finite number"),
+    ("lr", ".nan", "lr=nan is invalid"), ("grad_clip", "-.inf", "grad_clip=-inf is invalid"),
+])
+def test_bad_values_are_refused_before_anything_is_written(tmp_path, micro, capsys, option, value, message):
+    folder = tmp_path / "run"
+    assert main(argv(micro(folder, **{option: value}))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err
+    assert not folder.exists()
