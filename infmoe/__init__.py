@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "infmoe.errors": ("ConfigError", "InfmoeError"),
-    "infmoe.layers": ("DenseMLP", "FFNAux", "FFNLayer", "InfiniteMoE", "TopKMoE", "draw_train_samples", "sampling"),
+    "infmoe.layers": ("DenseMLP", "FFNAux", "FFNLayer", "GLU", "InfiniteMoE", "TopKMoE", "draw_train_samples", "sampling"),
     "infmoe.models": ("CONFIGS", "GPT", "CausalLMOutput", "GPTConfig", "KVCache", "build_model", "config_names",
                       "get_config"),
 }

@@ -12,11 +12,13 @@ import inspect
 from infmoe.errors import ConfigError, choose, invalid
 from infmoe.layers.base import FFNAux, FFNLayer
 from infmoe.layers.dense import DenseMLP
+from infmoe.layers.glu import GLU
 from infmoe.layers.infinite_moe import InfiniteMoE, draw_train_samples, sampling
 from infmoe.layers.topk_moe import TopKMoE
 
 FFN_TYPES: dict[str, type[FFNLayer]] = {
     "dense": DenseMLP,
+    "glu": GLU,
     "moe": TopKMoE,
     "infmoe": InfiniteMoE,
 }
@@ -43,5 +45,5 @@ def build_ffn(ffn: str, d_model: int, d_hidden: int, options: dict | None = None
     return FFN_TYPES[ffn](d_model, d_hidden, **options)
 
 
-__all__ = ["FFN_TYPES", "FFNAux", "FFNLayer", "DenseMLP", "TopKMoE", "InfiniteMoE",
+__all__ = ["FFN_TYPES", "FFNAux", "FFNLayer", "DenseMLP", "GLU", "TopKMoE", "InfiniteMoE",
            "sampling", "draw_train_samples", "build_ffn", "ffn_option_names"]

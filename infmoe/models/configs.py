@@ -21,11 +21,14 @@ _GPT2_MEDIUM = dict(vocab_size=50257, n_ctx=1024, n_layer=24, n_head=16, d_model
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-dense": dict(_TINY, ffn="dense"),
+    # SwiGLU at the parameters of tiny-dense: H = 512 = 2/3 of 768.
+    "tiny-glu": dict(_TINY, ffn="glu"),
     # Blocks of 64 units (24 blocks, 12 kept per sample) so that training takes the block-sparse
     # path; per-unit routing computes the whole large FFN (docs/speed.md, docs/configs.md).
     "tiny-infmoe": dict(_TINY, ffn="infmoe", ffn_options=dict(d_z=16, block_size=64)),
     "tiny-moe": dict(_TINY, ffn="moe", ffn_options=dict(n_experts=8, top_k=4)),
     "gpt2-small-dense": dict(_GPT2_SMALL, ffn="dense"),
+    "gpt2-small-glu": dict(_GPT2_SMALL, ffn="glu"),
     # Per-unit routing (B = 1), d_z = 48 and a one-layer router put this at the paper's
     # 186M total / 129M active (docs/configs.md).
     "gpt2-small-infmoe": dict(_GPT2_SMALL, ffn="infmoe", ffn_options=dict(d_z=48)),

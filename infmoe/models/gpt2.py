@@ -25,7 +25,8 @@ class GPTConfig:
     """Plain data describing a model; every field is checked on construction.
 
     d_hidden: hidden width of the configured FFN. None means GPT-2's 4 · d_model for
-        "dense" and the paper's 2 × that (8 · d_model) for "moe" and "infmoe".
+        "dense", 2/3 of that for "glu" (its three matrices then hold as many parameters
+        as the MLP's two), and the paper's 2 × 4 · d_model for "moe" and "infmoe".
     ffn_every: the configured FFN sits in blocks n-1, 2n-1, ...; the others keep a dense
         MLP of width 4 · d_model. 1 means every block.
     ffn_options: keyword options of the FFN class (e.g. d_z, n_experts); see
@@ -62,6 +63,8 @@ class GPTConfig:
     def ffn_hidden(self) -> int:
         if self.d_hidden is not None:
             return self.d_hidden
+        if self.ffn == "glu":
+            return 8 * self.d_model // 3
         return 4 * self.d_model * (1 if self.ffn == "dense" else 2)
 
     def uses_ffn(self, block: int) -> bool:

@@ -27,6 +27,7 @@ from infmoe.models import GPT, GPTConfig
 SHAPE = dict(n_layer=2, d_model=32, n_head=2, n_ctx=64, init_std=0.3)
 FFNS = {
     "dense": dict(ffn="dense"),
+    "glu": dict(ffn="glu"),
     "moe": dict(ffn="moe", ffn_options=dict(n_experts=4, top_k=2)),
     "infmoe": dict(ffn="infmoe", ffn_options=dict(d_z=8)),
 }
