@@ -5,16 +5,23 @@ A prepared corpus is one folder ``<cache_dir>/<slug>-<hash>`` holding
 - ``train.bin``, ``valid.bin``: token ids (see `infmoe.data.tokens`), uint16 or uint32;
 - ``meta.json``: format version, source description, fingerprint, content_sha256 (of the
   tokenizer files and the token ids: what the data is, wherever the corpus lives),
-  tokenizer name, vocab_size, dtype, token and document counts;
+  stamps (the size and mtime_ns of each of those files when content_sha256 was last
+  checked against them), tokenizer name, vocab_size, dtype, token and document counts;
 - the tokenizer: ``tokenizer.json`` (a trained BPE) or ``tiktoken.json`` (GPT-2).
 
 ``<hash>`` is the start of the fingerprint, a SHA-256 of the source's identity (for local
 files the resolved path, size and mtime of every file; for the embedded corpus the Python
 version and a hash of its text; for a Hugging Face dataset its name and config) and the
 settings (tokenizer, vocab_size, valid_fraction, encoding_errors). Everything is written
-into a temporary sibling folder that is renamed into place only when complete, and a
-folder whose meta.json is missing, unreadable or does not match is rebuilt, so an
+into a temporary sibling folder that is renamed into place only when complete, so an
 interrupted run never leaves a cache that a later run trusts.
+
+A cache is checked each time it is used (`_open_cached`): meta.json must be readable and
+match, the token files must have the sizes it records, and their content must still be
+what content_sha256 says, with every id inside the vocabulary. Hashing gigabytes on every
+start would be slow, so the files are hashed again only when one's size or mtime differs
+from its stamp (see `_verified`). A folder that fails a check is damaged: it is prepared
+again from the source, with one line on stderr that says so.
 
 The corpus streams through: the source gives each split's documents lazily (see
 `infmoe.data.sources`), `write_tokens` encodes them a chunk (`infmoe.data.tokens.CHUNK_DOCS`
@@ -32,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -43,16 +51,18 @@ from typing import Any
 import numpy as np
 
 from infmoe.data.sources import Source, resolve_source
-from infmoe.data.text import ENCODING_ERRORS
+from infmoe.data.text import ENCODING_ERRORS, one_line
 from infmoe.data.tokenizer import Tokenizer, check_bpe_vocab, load_tokenizer
 from infmoe.data.tokens import open_tokens, token_dtype, write_tokens
 from infmoe.errors import DataError, choose, invalid, real
+from infmoe.io import OutputError, write_text
 
 FORMAT_VERSION = 1  # bump when the files' layout changes: old caches are then rebuilt
 META_FILE = "meta.json"
 TOKENIZERS = ("auto", "gpt2", "bpe")
 SPLITS = ("train", "valid")
 BPE_SAMPLE_CHARS = 2**28  # a trained BPE sees this many characters of training text (~256 MB)
+HASH_CHUNK = 2**24  # bytes read at a time when checking a cache's content (a multiple of any id size)
 
 
 @dataclass
@@ -98,7 +108,9 @@ def prepare(
     on new text; `vocab_size` is then ignored). `valid_fraction` in (0, 1) is used only when the source has no
     validation split of its own. `encoding_errors`: ``"strict"`` rejects invalid UTF-8,
     ``"replace"`` turns it into U+FFFD. `progress` shows tqdm bars on stderr.
-    Raises `DataError` (bad corpus) or `ConfigError` (bad setting), each one line.
+    A cache folder found damaged (see the module docstring) is prepared again, with a note
+    on stderr. Raises `DataError` (bad corpus, or a damaged cache whose corpus cannot be
+    read again) or `ConfigError` (bad setting), each one line.
     """
     settings = _settings(tokenizer, vocab_size, valid_fraction, encoding_errors)
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -108,11 +120,24 @@ def prepare(
     settings = _tokenizer_settings(given, vocab_size) | settings
     fingerprint = _hash({"format": FORMAT_VERSION, "source": src.identity(), "settings": settings})
     directory = cache_dir / f"{src.slug}-{fingerprint[:12]}"
-    found = _open_cached(directory, fingerprint)
-    if found is not None:
-        return found
-    _build(src, directory, fingerprint, settings, given, progress)
-    found = _open_cached(directory, fingerprint)
+    damage = None
+    try:
+        found = _open_cached(directory, fingerprint)
+        if found is not None:
+            return found
+    except _Damaged as e:
+        damage = str(e)
+        print(f"infmoe: note: the prepared data in {directory} is damaged ({damage}); "
+              f"preparing it again from {src.description}", file=sys.stderr)
+    try:
+        _build(src, directory, fingerprint, settings, given, progress)
+    except DataError as e:
+        if damage is None:
+            raise
+        raise DataError(
+            f"the prepared data in {directory} is damaged ({damage}) and cannot be prepared again: {e}"
+        ) from None
+    found = _usable(directory, fingerprint)
     if found is None:  # only if something else keeps deleting or rewriting the folder
         raise DataError(
             f"the prepared data in {directory} vanished or is damaged right after writing; run again"
@@ -172,26 +197,108 @@ def _make_dir(path: Path) -> Path:
     return path
 
 
+class _Damaged(Exception):
+    """A cache folder exists but cannot be used; the message says why, for a note."""
+
+
 def _open_cached(directory: Path, fingerprint: str) -> PreparedData | None:
-    """The prepared data in `directory` if it is complete and matches `fingerprint`, else None."""
+    """The prepared data in `directory` if it is complete, matches `fingerprint` and its
+    content checks out (`_verified`); None when there is no such folder. Raises `_Damaged`
+    when the folder is there but unusable: meta.json missing, unreadable, of another format
+    or fingerprint, a token file of the wrong size, the tokenizer unreadable or not the
+    one meta.json names, or the content changed."""
+    if not directory.is_dir():
+        return None
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
         if meta["format"] != FORMAT_VERSION or meta["fingerprint"] != fingerprint:
-            return None
+            raise _Damaged(f"{META_FILE} is of another format or other data")
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         counts = {split: int(meta[f"{split}_tokens"]) for split in SPLITS}
-        if any(
-            counts[s] < 1 or (directory / f"{s}.bin").stat().st_size != counts[s] * dtype.itemsize
-            for s in SPLITS
-        ):
-            return None
+        for s in SPLITS:
+            size = (directory / f"{s}.bin").stat().st_size
+            if counts[s] < 1 or size != counts[s] * dtype.itemsize:
+                raise _Damaged(f"{s}.bin holds {size} bytes, not the {counts[s]} ids of {dtype.itemsize} bytes "
+                               f"that {META_FILE} records")
         tokenizer = load_tokenizer(directory)
         if tokenizer.vocab_size != meta["vocab_size"] or token_dtype(tokenizer.vocab_size) != dtype:
-            return None
-    except (OSError, ValueError, KeyError, TypeError, DataError):  # missing, truncated, foreign: rebuild
-        return None
+            raise _Damaged(f"its tokenizer is not the one {META_FILE} records")
+        meta = _verified(directory, meta, tokenizer, dtype)
+    except DataError:  # load_tokenizer's
+        raise _Damaged("its tokenizer is missing or unreadable") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing, truncated, foreign
+        raise _Damaged(f"a file is missing or unreadable: {one_line(e, 120)}") from None
     train, valid = (open_tokens(directory / f"{s}.bin", dtype, counts[s]) for s in SPLITS)
     return PreparedData(directory, train, valid, tokenizer, meta, cached=True)
+
+
+def _usable(directory: Path, fingerprint: str) -> PreparedData | None:
+    """`_open_cached`'s data, or None when there is none or it is damaged."""
+    try:
+        return _open_cached(directory, fingerprint)
+    except _Damaged:
+        return None
+
+
+def _content_files(tokenizer: Tokenizer) -> list[str]:
+    """The files content_sha256 covers, in the order they are hashed: the tokenizer's, then
+    each split's token ids."""
+    return [*sorted(tokenizer.files()), *(f"{s}.bin" for s in SPLITS)]
+
+
+def _stamps(directory: Path, names: list[str]) -> dict[str, dict[str, int]]:
+    """{name: {"size", "mtime_ns"}} of the files `names` in `directory`."""
+    return {
+        name: {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        for name in names
+        for st in [(directory / name).stat()]
+    }
+
+
+def _verified(directory: Path, meta: dict, tokenizer: Tokenizer, dtype: np.dtype) -> dict:
+    """`meta` with content_sha256 checked against the files (`_content_files`) in `directory`.
+
+    The files are hashed only when a file's size or mtime differs from the stamp `meta`
+    records for it, or `meta` records no stamps or no hash (a cache written before they
+    existed): a cache of gigabytes is read once, not on every start. When the hash and the
+    ids' range check out, the new stamps (and a hash `meta` lacked) are written to
+    meta.json atomically; a read-only cache is checked again next time. Raises `_Damaged`
+    when the content is not the recorded one or holds ids outside the vocabulary.
+
+    By design the stamps guard against accidents (a stray write, a truncation, a copy over
+    the file), not against someone hiding a change: a token file rewritten with its size
+    kept and its mtime set back (``os.utime``) is not hashed again, so not noticed here.
+    Ids beyond the vocabulary are still refused where they are used (`unigram_loss`,
+    `infmoe.evaluation.validation_batches`).
+    """
+    names = _content_files(tokenizer)
+    stamps = _stamps(directory, names)  # before reading: a write during the hash changes them
+    if meta.get("stamps") == stamps and "content_sha256" in meta:
+        return meta
+    digest, top = _content_digest(directory, names, dtype)
+    if top >= tokenizer.vocab_size:
+        raise _Damaged(f"it holds token id {top}, beyond the vocabulary of {tokenizer.vocab_size}")
+    if meta.get("content_sha256", digest) != digest:
+        raise _Damaged(f"its files no longer have the SHA-256 that {META_FILE} records")
+    meta = {**meta, "content_sha256": digest, "stamps": stamps}
+    try:
+        write_text(directory / META_FILE, json.dumps(meta, indent=2) + "\n")
+    except OutputError:  # a read-only (shared) cache: usable, only checked again next time
+        pass
+    return meta
+
+
+def _content_digest(directory: Path, names: list[str], dtype: np.dtype) -> tuple[str, int]:
+    """The SHA-256 (hex) of the files `names` in `directory`, read in this order, and the
+    largest token id in those of them that are token files (``*.bin``, ids of `dtype`)."""
+    digest, top = hashlib.sha256(), 0
+    for name in names:
+        with open(directory / name, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                digest.update(chunk)
+                if name.endswith(".bin"):
+                    top = max(top, int(np.frombuffer(chunk, dtype).max()))
+    return digest.hexdigest(), top
 
 
 def _build(
@@ -216,8 +323,9 @@ def _build(
         )
         tokenizer.save(tmp)
         # What the tokens are, independent of where the corpus lives and its files' mtimes
-        # (a copied corpus is the same data): `--resume` compares this.
-        content = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(tmp.iterdir())))
+        # (a copied corpus is the same data): `--resume` compares this. Fed the files of
+        # `_content_files` in its order, as `_verified` reads them back.
+        content = hashlib.sha256(b"".join((tmp / name).read_bytes() for name in sorted(tokenizer.files())))
         documents = {"train": splits.train, "valid": splits.valid}
         counts = {
             s: write_tokens(
@@ -231,6 +339,7 @@ def _build(
             "source": src.description,
             "fingerprint": fingerprint,
             "content_sha256": content.hexdigest(),
+            "stamps": _stamps(tmp, _content_files(tokenizer)),
             "identity": src.identity(),
             "settings": settings,
             "tokenizer": tokenizer.name,
@@ -271,7 +380,7 @@ def _install(tmp: Path, directory: Path, fingerprint: str) -> None:
     """Rename the finished `tmp` folder to `directory`, moving a stale one out of the way.
     A complete one for the same fingerprint is kept: a concurrent prepare (two runs of a grid
     starting together) finished first, and its runs may already be reading it."""
-    if _open_cached(directory, fingerprint) is not None:
+    if _usable(directory, fingerprint) is not None:
         return
     if directory.exists():
         stale = directory.with_name(f".{directory.name}.stale-{uuid.uuid4().hex[:8]}")

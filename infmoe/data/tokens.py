@@ -72,6 +72,15 @@ def open_tokens(path: Path, dtype: np.dtype | str, count: int) -> np.memmap:
     return np.memmap(path, dtype=np.dtype(dtype), mode="r", shape=(count,))
 
 
+def damaged_data_fix(ids: np.ndarray) -> str:
+    """The fix for token ids that do not fit their tokenizer: delete the prepared folder of
+    the file `ids` maps (`prepare` checks a cache by its files' size and mtime, so it can
+    miss a change) and run again, which prepares the data anew."""
+    filename = getattr(ids, "filename", None)  # np.memmap's (and its slices'); absent from a plain array
+    folder = Path(filename).parent if filename else "the prepared data's folder"
+    return f"delete {folder} and run again (the data is then prepared anew)"
+
+
 def unigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy in nats/token of `valid` under the add-one-smoothed unigram
     distribution counted on `train`: p(t) = (count_train(t) + 1) / (len(train) + vocab_size).
@@ -82,8 +91,8 @@ def unigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float
     for name, ids in (("train", train), ("valid", valid)):
         if len(ids) and int(ids.max()) >= vocab_size:
             raise DataError(
-                f"{name} holds token id {int(ids.max())} >= vocab_size={vocab_size}; "
-                f"the tokens and the tokenizer do not match, prepare the data again"
+                f"{name} holds token id {int(ids.max())} >= vocab_size={vocab_size}: the tokens and the "
+                f"tokenizer do not match; {damaged_data_fix(ids)}"
             )
     if len(valid) == 0:
         raise DataError("the validation split is empty; give more text")

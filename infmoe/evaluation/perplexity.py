@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from infmoe.data import PreparedData, Tokenizer, prepare
+from infmoe.data.tokens import damaged_data_fix
 from infmoe.errors import DataError, choose, positive_int
 from infmoe.layers import InfiniteMoE, sampling
 from infmoe.models import GPT
@@ -183,7 +184,14 @@ def validation_batches(model: GPT, tokenizer: Tokenizer, source: str, *, max_tok
     """Corpus `source` prepared with the model's own `tokenizer`, and the first `max_tokens`
     of its validation split as `eval_batches` of seq_len (default: the model's n_ctx)."""
     data = prepare(source, cache_dir=cache_dir, tokenizer=tokenizer, encoding_errors=encoding_errors, progress=False)
-    return data, eval_batches(data.valid, seq_len or model.config.n_ctx, batch_size, max_tokens)
+    batches = eval_batches(data.valid, seq_len or model.config.n_ctx, batch_size, max_tokens)
+    # Up front, not as an IndexError in the embedding: a cache changed behind prepare's back
+    # (its file stamps restored) can hold ids the model has no row for.
+    top = max((max(int(x.max()), int(y.max())) for x, y in batches), default=-1)
+    if top >= model.config.vocab_size:
+        raise DataError(f"the prepared validation tokens hold id {top}, beyond the model's vocabulary of "
+                        f"{model.config.vocab_size}: they are damaged; {damaged_data_fix(data.valid)}")
+    return data, batches
 
 
 def evaluate_model(model: GPT, tokenizer: Tokenizer, source: str, *, samples: Sequence[int] = (1, 2, 4, 8),
