@@ -81,6 +81,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from infmoe.device import autocast_for, uses_bf16
+from infmoe.errors import InfmoeError
 from infmoe.generation import generate
 from infmoe.io import write_text
 from infmoe.layers import DenseMLP, FFNLayer, InfiniteMoE, TopKMoE, sampling
@@ -1014,6 +1015,29 @@ def markdown(result: dict) -> str:
     lines += _layer_lines(result) + _compiled_lines(result) + _saved_lines(result) + _decode_lines(result)
     lines += _model_lines(result) + _target_lines(result)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render(path: str | os.PathLike) -> tuple[dict, str]:
+    """The result `--json` saved at `path`, and its tables (`markdown`). One-line
+    `InfmoeError` when the file is missing, is not JSON, or is not such a result."""
+    path = Path(path)
+    again = "give a file that infmoe bench --json wrote"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InfmoeError(f"cannot read {path}: {err.strerror or err}; {again}") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InfmoeError(f"{path} is not JSON ({type(err).__name__}): {again}") from None
+    if not isinstance(result, dict):
+        raise InfmoeError(f"{path} holds a JSON {type(result).__name__}, not a bench result: {again}")
+    try:
+        return result, markdown(result)
+    # Results of older versions lack newer fields and still render; a file that breaks the
+    # rendering is foreign or damaged.
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        lacks = f"it has no {err.args[0]!r} where a bench result has one" if isinstance(err, KeyError) else \
+            f"its fields are not those of a bench result ({type(err).__name__})"
+        raise InfmoeError(f"{path} is not a result of infmoe bench --json: {lacks}; {again}") from None
 
 
 def save(result: dict, json_path: str | None, markdown_path: str | None) -> None:

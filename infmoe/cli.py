@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from collections.abc import Collection, Sequence
@@ -23,12 +25,12 @@ import torch
 from infmoe.checkpoint import save_checkpoint
 from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
-from infmoe.errors import ConfigError, InfmoeError, choose, positive_int
+from infmoe.errors import ConfigError, InfmoeError, choose, invalid, positive_int, seed_int
 from infmoe.evaluation import evaluate_model, perplexity, plot_sweep, validation_batches
 from infmoe.evaluation.perplexity import mean_k_cell
 from infmoe.generation import check_sampling_args, generate
 from infmoe.device import PRECISIONS, autocast_for, pick_device, uses_bf16
-from infmoe.io import atomic_paths, check_writable, check_writable_file, write_text
+from infmoe.io import atomic_paths, check_writable_file, write_text
 from infmoe.loading import LoadedModel, load_model, model_path
 from infmoe.layers import InfiniteMoE
 from infmoe.models import config_names, get_config
@@ -37,6 +39,10 @@ from infmoe.params import parameter_report
 from infmoe.training import TrainConfig, resolve, train
 
 TASK_NAMES = list(TASKS)
+# The largest K (--samples, --max_samples) a command takes. A forward holds K draws and masks
+# per token, so memory grows with K; the paper's K are at most 16, and 1024 samples of even
+# 1% of the blocks already cover all but 0.003% of them.
+MAX_SAMPLES = 1024
 MODEL_BATCH = {"tiny": (16, 256), "gpt2-small": (1, 1024)}  # sequences x tokens per training step
 # Decoding feeds one token per step: a second CPU thread saves under 10% on an idle machine
 # and doubles the time or worse when another process holds a core (docs/speed.md).
@@ -70,15 +76,21 @@ def parse_overrides(tokens: Sequence[str], flags: Collection[str] = (), text: Co
                 raise ConfigError(f"option --{key} has no value: write --{key} VALUE")
             else:
                 value = tokens.pop(0)
-        out[key] = value if key in text else _scalar(value)
+        out[key] = value if key in text else _scalar(key, value)
     return out
 
 
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _scalar(text: str) -> Any:
-    value = yaml.safe_load(text)
+def _scalar(key: str, text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)  # safe_load: a tag such as !!python/object constructs nothing
+    except Exception as err:  # noqa: BLE001 - YAMLError, or what a tag's constructor raises (!!int abc)
+        reason = getattr(err, "problem", None) or err  # a YAMLError's own words, without its position
+        raise ConfigError(f"--{key} {text!r} is not a value YAML can read ({reason}): give a number, true, "
+                          "false, null or text, and quote text that YAML reads otherwise, "
+                          f"e.g. --{key} {shlex.quote(json.dumps(text))}") from None
     # YAML 1.1 reads 1e-3 as a string; turn such numbers into floats, but not words that
     # float() also takes ("nan", "inf"), which are names far more often than numbers.
     if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
@@ -142,12 +154,14 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     samples, adaptive = _samples_list("--samples", args.samples)
     positive_int("--tokens", args.tokens)
+    seed_int("--seed", args.seed)
     if adaptive:
-        positive_int("--max_samples", args.max_samples)
-    out = Path(args.out) if args.out else model_path(args.checkpoint).with_suffix("").parent / "eval"
-    for path in (out.with_suffix(".json"), out.with_suffix(".png")):
+        _sample_count("--max_samples", args.max_samples)
+    json_path, png_path = eval_output_paths(args.out, args.checkpoint)
+    for path in (json_path, png_path):
         check_writable_file(path)  # before the compute, not after
     loaded = load_for_inference(args.checkpoint, args.device)
+    _check_windows(args, loaded)
     source = data_source(args.data, loaded)
     device = next(loaded.model.parameters()).device
     result = evaluate_model(loaded.model, loaded.tokenizer, source, samples=samples, modes=args.mode,
@@ -168,19 +182,49 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": result.tokens, "device": str(device),
               "precision": "bf16" if uses_bf16(args.precision, device) else "fp32",
               "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in result.rows]}
-    with atomic_paths(out.with_suffix(".json"), out.with_suffix(".png")) as (json_tmp, png_tmp):
+    with atomic_paths(json_path, png_path) as (json_tmp, png_tmp):
         json_tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plot_sweep(result.rows, png_tmp, title=f"{Path(args.checkpoint).name}: K at inference")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"wrote {json_path} and {png_path}")
+
+
+def eval_output_paths(out: str | None, model: str) -> tuple[Path, Path]:
+    """eval's (JSON, PNG) paths. --out PREFIX: PREFIX.json and PREFIX.png, whatever dots PREFIX
+    holds (evals/lr0.003 must not lose ".003" and overwrite evals/lr0.001's files); a PREFIX
+    that ends in .json or .png names the pair by its stem; a folder gets eval.json and
+    eval.png inside. Without --out: inside an exported folder, beside a checkpoint file."""
+    if out is None:
+        path = model_path(model)
+        prefix = (path if path.is_dir() else path.parent) / "eval"
+    elif Path(out).is_dir() or out.endswith(("/", os.sep)):
+        prefix = Path(out) / "eval"
+    else:
+        prefix = Path(out)
+        prefix = prefix.with_suffix("") if prefix.suffix in (".json", ".png") else prefix
+    return prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".png")
+
+
+def _check_windows(args: argparse.Namespace, loaded: LoadedModel) -> None:
+    """--batch_size and --seq_len of eval and inspect, against the model, before any compute."""
+    positive_int("--batch_size", args.batch_size)
+    n_ctx = loaded.model.config.n_ctx
+    if args.seq_len is not None and (isinstance(args.seq_len, bool) or not 1 <= args.seq_len <= n_ctx):
+        raise invalid("--seq_len", args.seq_len,
+                      f"must be an integer in [1, {n_ctx}], the n_ctx of {loaded.path}")
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    from infmoe.evaluation.inspect import inspect_model, routed_layers, sigma_curve
+    from infmoe.evaluation.inspect import check_output_dir, inspect_model, routed_layers, sigma_curve
 
     positive_int("--tokens", args.tokens)
-    out = check_writable(args.out)  # before the compute, not after
+    seed_int("--seed", args.seed)
+    out = check_output_dir(args.out)  # before the compute, not after
     curve = sigma_curve(args.run) if args.run else None
+    if args.run and not curve:
+        print(f"infmoe inspect: note: {Path(args.run) / 'metrics.jsonl'} logs no σ yet (no training step, "
+              "or no ∞-MoE layer): the figures leave out σ over training", file=sys.stderr)
     loaded = load_for_inference(args.model, args.device)
+    _check_windows(args, loaded)
     layers = routed_layers(loaded.model, args.model)
     source = data_source(args.data, loaded)
     _, batches = validation_batches(loaded.model, loaded.tokenizer, source, max_tokens=args.tokens,
@@ -206,6 +250,9 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 
 def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    if args.seed is not None:
+        seed_int("--seed", args.seed)
+    _check_utf8("--prompt", args.prompt)
     torch.set_num_threads(positive_int("--threads", args.threads))
     n_samples, mode = _one_sample_setting(args)
     loaded = load_for_inference(args.checkpoint, args.device)
@@ -231,14 +278,25 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
 
 
+def _check_utf8(flag: str, text: str) -> None:
+    """Refuse text whose bytes were not UTF-8 (Linux hands such argv bytes over as lone
+    surrogates, U+DC80-U+DCFF, which no tokenizer encodes), rather than replace them: the
+    model would then continue a prompt other than the one given."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{flag} is not UTF-8 text (character {err.start} is an undecodable byte): "
+                          "give it in UTF-8, e.g. from a terminal set to UTF-8 (LANG=C.UTF-8)") from None
+
+
 def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe import bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.render:
-        result = json.loads(Path(args.render).read_text())
-        print(bench.markdown(result), end="")
+        result, tables = bench.render(args.render)
+        print(tables, end="")
         bench.save(result, None, args.markdown)
         return
     positive_int("--repeats", args.repeats)
@@ -301,6 +359,7 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
 def cmd_upcycle(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe.hf import upcycle_to_infmoe
 
+    seed_int("--seed", args.seed)
     loaded = load_for_inference(args.model, "cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     with seeded(args.seed):
@@ -315,6 +374,7 @@ def cmd_zeroshot(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe.evaluation.tasks import load_task
     from infmoe.evaluation.zeroshot import evaluate_task
 
+    seed_int("--seed", args.seed)
     if args.out:
         check_writable_file(args.out)  # before the compute, not after
     n_samples, mode = _one_sample_setting(args)
@@ -370,7 +430,7 @@ def _one_sample_setting(args: argparse.Namespace) -> tuple[int | None, str | Non
     if args.samples == "auto":
         if args.mode not in (None, "adaptive"):
             raise ConfigError(f"--samples auto chooses K per token, which --mode {args.mode} does not; drop --mode")
-        return positive_int("--max_samples", args.max_samples), "adaptive"
+        return _sample_count("--max_samples", args.max_samples), "adaptive"
     values = _int_list("--samples", args.samples)
     if len(values) != 1:
         raise ConfigError(f"--samples {args.samples!r}: give one K (e.g. 4) or auto")
@@ -382,9 +442,16 @@ def _int_list(flag: str, text: str) -> list[int]:
         values = [int(v) for v in text.split(",")]
     except ValueError:
         raise ConfigError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 1,2,4") from None
-    if any(v < 1 for v in values):
-        raise ConfigError(f"{flag} {text!r}: every K must be >= 1")
+    for value in values:
+        _sample_count(flag, value)
     return values
+
+
+def _sample_count(flag: str, value: int) -> int:
+    """`value` if it is a K in [1, MAX_SAMPLES], else a one-line `ConfigError`."""
+    if not 1 <= value <= MAX_SAMPLES:
+        raise invalid(flag, value, f"K must be >= 1 and at most {MAX_SAMPLES}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -429,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 elsewhere")
-    p.add_argument("--out", default=None, help="output path prefix for .json and .png (default: <checkpoint folder>/eval)")
+    p.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.png (a folder: eval.json "
+                   "and eval.png in it; default: in an exported folder, or beside the checkpoint file)")
     p.set_defaults(handler=cmd_eval, overrides=False)
 
     p = sub.add_parser("inspect", help="figures of what the router learned: usage, expert space, overlap, σ",
@@ -440,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_argument(p, "model")
     _data_arguments(p)
     p.add_argument("--tokens", type=int, default=16384, help="validation tokens to route (from the start)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the figures, index.html and summary.json")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the figures, index.html and summary.json: new, empty, or an earlier inspect's")
     p.add_argument("--run", default=None, metavar="RUN_DIR",
                    help="the run's --out_dir: also plot σ over training from its metrics.jsonl")
     p.add_argument("--batch_size", "--batch-size", type=int, default=8)

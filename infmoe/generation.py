@@ -6,9 +6,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from infmoe.errors import ConfigError
+from infmoe.errors import ConfigError, invalid, seed_int
 from infmoe.models import GPT, KVCache
 from infmoe.randomness import seeded
+
+# Sampling temperatures other than 0 (greedy). Below the lowest, logits / temperature can
+# overflow to inf (softmax then gives NaN) while sampling is already greedy in effect;
+# above the highest, every token is about equally likely.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
@@ -32,8 +37,9 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 0")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} is invalid: must be >= 0 (0 is greedy)")
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:  # NaN fails both
+        raise invalid("temperature", temperature,
+                      f"must be 0 (greedy) or lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k={top_k} is invalid: must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
@@ -50,6 +56,8 @@ def generate(model: GPT, prompt: Sequence[int], *, max_new_tokens: int = 100, te
     tokens so far, since positions are learned and cannot run past n_ctx.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if seed is not None:
+        seed_int("seed", seed)
     if not prompt:
         raise ConfigError("the prompt is empty: give at least one token of text")
     model.eval()
@@ -57,9 +65,12 @@ def generate(model: GPT, prompt: Sequence[int], *, max_new_tokens: int = 100, te
     n_ctx = model.config.n_ctx
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     tokens = list(prompt)
+    # The prompt fills all but one position (the next token's); a restart keeps half the
+    # context. Both keep at least one token: with n_ctx 1, tokens[-0:] would be all of them.
+    prompt_window, restart_window = max(1, n_ctx - 1), max(1, n_ctx // 2)
     with seeded(seed if seed is not None else torch.seed() % 2**32, device):  # ∞-MoE noise too
         cache = KVCache(model.config, 1, device=device)
-        logits = model(torch.tensor([tokens[-(n_ctx - 1):]], device=device), cache=cache).logits[:, -1]
+        logits = model(torch.tensor([tokens[-prompt_window:]], device=device), cache=cache).logits[:, -1]
         for _ in range(max_new_tokens):
             token = int(sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator))
             yield token
@@ -68,6 +79,6 @@ def generate(model: GPT, prompt: Sequence[int], *, max_new_tokens: int = 100, te
                 return
             if cache.length == n_ctx:
                 cache = KVCache(model.config, 1, device=device)
-                logits = model(torch.tensor([tokens[-(n_ctx // 2):]], device=device), cache=cache).logits[:, -1]
+                logits = model(torch.tensor([tokens[-restart_window:]], device=device), cache=cache).logits[:, -1]
             else:
                 logits = model(torch.tensor([[token]], device=device), cache=cache).logits[:, -1]

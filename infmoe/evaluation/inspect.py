@@ -30,7 +30,7 @@ import torch
 
 from infmoe.data import Tokenizer
 from infmoe.errors import ConfigError
-from infmoe.io import atomic_paths
+from infmoe.io import OutputError, atomic_paths, check_writable
 from infmoe.layers import InfiniteMoE, TopKMoE, sampling
 from infmoe.models import GPT
 from infmoe.randomness import seeded
@@ -42,6 +42,8 @@ PAIR_KINDS = ("same token id", "neighbours", "random pairs", "two samples of a t
 PAIRS = 4096  # pairs of each kind drawn for the overlaps
 SCATTER_POINTS = 3000  # tokens drawn in each expert-space panel (the PCA uses all)
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+SUMMARY_FILE = "summary.json"
+WRITER = "infmoe inspect"  # summary.json's "written_by": marks a folder as an earlier inspect's output
 _POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.int64)
 
 
@@ -253,16 +255,21 @@ def layer_summary(record: LayerRouting, overlap: dict[str, np.ndarray], variance
 
 def sigma_curve(run_dir: str | Path) -> dict[str, list[float]]:
     """σ over training from `run_dir`'s metrics.jsonl: steps, ``sigma_mean`` (the mean over
-    layers that training logs) and ``sigma_over_mu`` where logged; a `ConfigError` when the
-    folder holds no metrics.jsonl."""
+    layers that training logs) and ``sigma_over_mu`` where logged. {} when no logged step
+    has σ (a run that has logged nothing yet, or one without ∞-MoE layers): a valid state,
+    plotted as no curve. A `ConfigError` when the folder holds no metrics.jsonl, and
+    `read_metrics`'s one-line `MetricsError` when the log is damaged or not ours."""
     from infmoe.training.metrics import METRICS_FILE, read_curve
 
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ConfigError(f"--run {run_dir} holds no metrics.jsonl: give the --out_dir folder of an infmoe train run")
     curve = read_curve(path)
-    keep = [name for name in ("sigma_mean", "sigma_over_mu") if len(curve.get(name, [])) == len(curve["step"])]
-    return {"step": curve["step"], **{name: curve[name] for name in keep}} if keep else {}
+    steps = curve["step"]
+    if not steps or len(curve.get("sigma_mean", [])) != len(steps):
+        return {}
+    keep = [name for name in ("sigma_mean", "sigma_over_mu") if len(curve.get(name, [])) == len(steps)]
+    return {"step": steps, **{name: curve[name] for name in keep}}
 
 
 # --- figures ---------------------------------------------------------------------------------
@@ -448,7 +455,7 @@ def inspect_model(model: GPT, tokenizer: Tokenizer, batches: Sequence[tuple[torc
     coords = [xy for xy, _ in projections]
     sampled = any(r.sigma is not None for r in records)
     curve = curve if sampled and curve else {}
-    summary = {"model": title, "tokens": len(ids), "seq_len": seq_len, "seed": seed,
+    summary = {"written_by": WRITER, "model": title, "tokens": len(ids), "seq_len": seq_len, "seed": seed,
                "token_classes": {c: int((kind == i).sum()) for i, c in enumerate(CLASSES)},
                "frequency_buckets": {b: int((bucket == i).sum()) for i, b in enumerate(BUCKETS)},
                "layers": dict(zip((r.name for r in records), layers)), "sigma_over_training": curve}
@@ -472,13 +479,40 @@ def inspect_model(model: GPT, tokenizer: Tokenizer, batches: Sequence[tuple[torc
                               + (", and σ over training from the run's metrics.jsonl." if curve else "."),
                               lambda p: plot_sigma(records, curve, p)))
     out_dir = Path(out_dir)
-    names = [f.file for f in figures] + ["index.html", "summary.json"]
+    names = [f.file for f in figures] + ["index.html", SUMMARY_FILE]
     with atomic_paths(*(out_dir / name for name in names)) as temporaries:
         for figure, tmp in zip(figures, temporaries):
             figure.draw(tmp)
         temporaries[-2].write_text(index_html(title, len(ids), figures), encoding="utf-8")
         temporaries[-1].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """`out_dir`, created if needed and proven writable, when inspect may write there: a new
+    or empty folder, or an earlier inspect's output (its summary.json says so; hidden
+    temporaries of a killed write do not count). Any other folder would lose its own
+    index.html or summary.json: a one-line `OutputError`, before any compute, as export does."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and not is_inspect_output(out_dir):
+        if any(not _is_temporary(entry.name) for entry in out_dir.iterdir()):
+            raise OutputError(f"{out_dir} is not empty and not the output of an earlier infmoe inspect, "
+                              "so it was left untouched: choose a new or empty folder")
+    return check_writable(out_dir)
+
+
+def _is_temporary(name: str) -> bool:
+    """Whether `name` is of `atomic_path`'s temporaries (``.<name>.<random>.tmp``)."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def is_inspect_output(folder: Path) -> bool:
+    """Whether `folder` holds a summary.json that `inspect_model` wrote."""
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: not ours
+        return False
+    return isinstance(summary, dict) and summary.get("written_by") == WRITER
 
 
 def index_html(title: str, tokens: int, figures: Sequence[Figure]) -> str:

@@ -11,6 +11,7 @@ pytorch_model.bin) are read directly.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,23 @@ def config_name(config: GPTConfig) -> str | None:
 
 
 def _read_gpt2_weights(path: Path) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the folder's model.safetensors, or else of its pytorch_model.bin;
+    one-line `CheckpointError` when the pickle is unreadable, unsafe, or not such a dict."""
     if (path / WEIGHTS_FILE).is_file() or not (path / "pytorch_model.bin").is_file():
         return read_weights(path / WEIGHTS_FILE)
+    pickled = path / "pytorch_model.bin"
     try:  # weights_only: a pickle from elsewhere may not run code
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one line below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a bad pickle raises many kinds
-        raise CheckpointError(f"{path / 'pytorch_model.bin'} is not readable ({type(err).__name__}): "
+        raise CheckpointError(f"{pickled} is not readable ({type(err).__name__}): "
                               f"save the model again with safe_serialization") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{pickled} holds a {type(state).__name__}, not a state dict of named tensors: "
+                              "save the model again with save_pretrained")
+    for name, tensor in state.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{pickled} holds the entry {name!r}: {type(tensor).__name__}, not a state "
+                                  "dict of named tensors: save the model again with save_pretrained")
+    return state
