@@ -21,7 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infmoe.errors import invalid
 from infmoe.layers.base import routing_linear
+
+# The mixture's components: each adds 2 d_z + 1 router outputs per token. The paper's future
+# work has a few; a bound keeps a typo from asking for terabytes of router weights.
+MAX_COMPONENTS = 256
 
 
 class Route(NamedTuple):
@@ -96,6 +101,8 @@ class GaussianRouter(nn.Linear):
     def __init__(self, d_model: int, d_z: int, *, n_components: int = 1, sigma_min: float = 0.01,
                  mu_norm: bool = False) -> None:
         c = n_components
+        if c > MAX_COMPONENTS:
+            raise invalid("n_components", c, f"must be at most {MAX_COMPONENTS}")
         super().__init__(d_model, c * 2 * d_z + (c if c > 1 else 0))
         self.d_z, self.n_components, self.sigma_min, self.mu_norm = d_z, n_components, sigma_min, mu_norm
 

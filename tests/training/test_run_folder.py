@@ -114,6 +114,7 @@ def test_resuming_past_the_end_says_nothing_was_trained(tmp_path, micro, capsys)
     ("seed", str(2**70), f"seed={2**70}"),
     ("kl_free", ".inf", "kl_free=inf is invalid: must be a finite number"),
     ("lr", ".nan", "lr=nan is invalid"), ("grad_clip", "-.inf", "grad_clip=-inf is invalid"),
+    ("n_components", "1000000000", "n_components=1000000000 is invalid: must be at most 256"),
 ])
 def test_bad_values_are_refused_before_anything_is_written(tmp_path, micro, capsys, option, value, message):
     folder = tmp_path / "run"
