@@ -328,16 +328,19 @@ def cmd_bench(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     bench.save(result, args.json, args.markdown)
 
 
-def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int | None:
-    from infmoe.experiments import build_sections, load_results, load_spec, refresh_curves, run_grid, update_markdown
+def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from infmoe.experiments import (build_sections, check_results, load_results, load_spec, refresh_curves, run_grid,
+                                    update_markdown)
 
     spec = load_spec(args.spec)
+    check_results(spec.results_dir)  # a file there that is not ours would break the report after the grid
     if args.report:
         check_writable_file(args.report)  # before the grid, not after hours of it
+    failed: dict[str, str] = {}
     if not args.report_only:
         try:
-            run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None,
-                     reevaluate=args.reevaluate)
+            failed = run_grid(spec, jobs=args.jobs, only=args.only.split(",") if args.only else None,
+                              reevaluate=args.reevaluate).failed
         except KeyboardInterrupt as stop:  # run_grid has said how to continue
             return 143 if str(stop) == "SIGTERM" else 130
     else:
@@ -346,6 +349,13 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int |
         results = load_results(spec.results_dir)
         update_markdown(Path(args.report), build_sections(spec.report, results, Path(args.report)))
         print(f"wrote the report sections into {args.report}")
+    if failed:  # last, and a non-zero status, so that a script driving the grid can tell
+        print(f"infmoe experiment: {len(failed)} job(s) failed; fix the cause and run the same command to retry "
+              "them:", file=sys.stderr)
+        for name, summary in failed.items():
+            print(f"  {name}: {summary}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
@@ -583,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train and evaluate every run of the spec (finished runs are skipped, "
                                    "interrupted ones resume), then write the report's tables and plots.")
     p.add_argument("spec", help="experiment spec (YAML); see infmoe/experiments/spec.py")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time (give each one thread in the spec)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, >= 1 (give each one thread in the spec)")
     p.add_argument("--report", default=None, help="markdown file to write the report sections into")
     p.add_argument("--report-only", "--report_only", action="store_true", help="only regenerate the report")
     p.add_argument("--only", default=None, metavar="RUN,...",

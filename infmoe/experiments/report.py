@@ -35,7 +35,8 @@ from typing import Any
 
 from infmoe.errors import ConfigError
 from infmoe.evaluation.perplexity import mean_k_cell
-from infmoe.experiments.runner import mean_std, spikes, training_minutes
+from infmoe.experiments.runner import mean_std, read_result, spikes, training_minutes
+from infmoe.experiments.spec import REPORT_KINDS
 from infmoe.io import atomic_path, write_text
 
 
@@ -43,7 +44,7 @@ def load_results(results_dir: Path) -> dict[str, list[dict]]:
     """run name → its result records (one per finished seed), seeds in order."""
     by_run: dict[str, list[dict]] = defaultdict(list)
     for path in sorted(results_dir.glob("*.json")):
-        record = json.loads(path.read_text())
+        record = read_result(path)
         by_run[record["run"]].append(record)
     return {run: sorted(records, key=lambda r: r["seed"]) for run, records in by_run.items()}
 
@@ -336,8 +337,8 @@ def build_sections(report: list[dict[str, Any]], results: dict[str, list[dict]],
         elif kind == "cost":
             sections[ident] = cost_section(runs, results)
         else:
-            raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: "
-                              "choose table, curves, zeroshot, zeroshot-sweep, sweep, compare, cost, eval")
+            raise ConfigError(f"report section {ident}: kind={kind!r} is invalid: choose one of "
+                              + ", ".join(REPORT_KINDS))
     return sections
 
 

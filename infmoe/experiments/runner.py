@@ -8,21 +8,22 @@ interrupted grid continues where it stopped when the same command runs again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from infmoe.errors import ConfigError
+from infmoe.errors import ConfigError, DataError, InfmoeError, positive_int
 from infmoe.experiments.spec import Job, Spec
 from infmoe.io import write_text
 from infmoe.training.metrics import METRICS_FILE, read_curve
@@ -48,12 +49,25 @@ def _echo(line: str) -> None:
     print(line, flush=True)  # progress must reach a log file as it happens
 
 
+@dataclass
+class GridOutcome:
+    """What one `run_grid` call did: the jobs that finished now, and those that failed,
+    each with what went wrong (a job stopped by a signal to the grid is neither)."""
+
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
 def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, reevaluate: bool = False,
-             echo=_echo) -> list[str]:
-    """Run every pending job of `spec` in spec order (or those named in `only`, in that order);
-    returns the names of the jobs that finished now. reevaluate: instead, evaluate the
+             echo=_echo) -> GridOutcome:
+    """Run every pending job of `spec` in spec order (or those named in `only`, in that order),
+    each in a fresh process, at most `jobs` at a time. reevaluate: instead, evaluate the
     finished jobs named in `only` again from their checkpoints (after the spec's eval
-    settings changed), rewriting their result JSONs."""
+    settings changed), rewriting their result JSONs.
+
+    SIGINT or SIGTERM stops the grid: no job starts after it, the running ones checkpoint
+    and stop, and then KeyboardInterrupt("SIGINT" or "SIGTERM") is raised."""
+    positive_int("--jobs", jobs)
     waiting = {job.name for job in pending(spec)}
     if reevaluate:
         if not only:
@@ -71,58 +85,119 @@ def run_grid(spec: Spec, *, jobs: int = 2, only: list[str] | None = None, reeval
                 todo.append(job)
     else:
         todo = [job for job in (select_jobs(spec, only) if only else spec.jobs) if job.name in waiting]
+    check_inputs(spec, todo)
     refreshed = refresh_curves(spec)
     echo(f"{len(spec.jobs) - len(waiting)} of {len(spec.jobs)} runs already done ({refreshed} curves re-read from their logs); "
          f"{len(todo)} to {'evaluate again' if reevaluate else 'run'} now, {jobs} at a time")
-    finished: list[str] = []
-    if not todo:
-        return finished
+    outcome = GridOutcome()
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with the parent
-    with _workers_stop_on_sigterm(), ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_job, job, spec.eval_tokens, spec.samples, str(spec.result_path(job)),
-                               adaptive=spec.adaptive, zeroshot_samples=spec.zeroshot_samples): job
-                   for job in todo}
-        remaining = set(futures)
-        try:
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = futures[future]
-                    try:
-                        outcome = future.result()
-                    except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
-                        outcome = {"summary": f"FAILED: {type(err).__name__}: {err}"}
-                    finished += [job.name] if outcome.get("finished") else []
-                    elapsed = time.perf_counter() - started
-                    echo(f"[{len(spec.jobs) - len(pending(spec))}/{len(spec.jobs)}] {job.name}: "
-                         f"{outcome['summary']} ({elapsed / 60:.1f} min so far)")
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)
-            echo("interrupted: finished runs are saved and running ones checkpointed; run the same command to continue")
-            raise
-    return finished
+    queue = list(todo)
+    running: dict[Any, tuple[Any, Job]] = {}  # result pipe -> (process, job); the pipe is readable when it ends
+    with _StopSignals(running) as stop:
+        while running or (queue and stop.signal is None):
+            # Start jobs only into free slots, never ahead: a queued job must not start once a signal came.
+            while queue and len(running) < jobs and stop.signal is None:
+                job = queue.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_job_process, name=job.name, daemon=False, args=(
+                    send, job, spec.eval_tokens, spec.samples, str(spec.result_path(job)), spec.adaptive,
+                    spec.zeroshot_samples))
+                process.start()
+                send.close()  # the child holds its own copy; EOF here once it is gone
+                running[receive] = (process, job)
+                if stop.signal is not None:  # the signal came while it started: it stops before training
+                    process.terminate()
+            for receive in multiprocessing.connection.wait(list(running)):
+                process, job = running.pop(receive)
+                try:
+                    result = receive.recv()
+                except EOFError:  # it died before it could report: killed, out of memory, ...
+                    result = None
+                receive.close()
+                process.join()
+                if result is None:
+                    ended = "stopped" if stop.signal else "FAILED"
+                    result = {"finished": False, "summary": f"{ended}: its process ended (exit status "
+                                                            f"{process.exitcode}) before it reported"}
+                if result["finished"]:
+                    outcome.finished.append(job.name)
+                elif stop.signal is None:
+                    outcome.failed[job.name] = result["summary"]
+                elapsed = time.perf_counter() - started
+                echo(f"[{len(spec.jobs) - len(pending(spec))}/{len(spec.jobs)}] {job.name}: "
+                     f"{result['summary']} ({elapsed / 60:.1f} min so far)")
+    if stop.signal is not None:
+        not_started = f"; {len(queue)} queued not started" if queue else ""
+        echo(f"interrupted by {stop.signal}: finished runs are saved and running ones checkpointed{not_started}; "
+             "run the same command to continue")
+        raise KeyboardInterrupt(stop.signal)
+    return outcome
 
 
-@contextlib.contextmanager
-def _workers_stop_on_sigterm():
-    """Make `kill` of the grid behave like Ctrl-C, which reaches the workers too: pass
-    SIGTERM on to them (each checkpoints and stops) and unwind as KeyboardInterrupt("SIGTERM").
-    Without this a killed grid orphans its workers, which keep training into the run folders."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        for worker in multiprocessing.active_children():
-            worker.terminate()
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, stop)
+def _job_process(result_pipe, job: Job, eval_tokens: int, samples: list[int], result_path: str,
+                 adaptive: int | None, zeroshot_samples: Sequence[int]) -> None:
+    """A job's process: `run_job`, and its outcome ({"finished", "summary"}) sent to the grid."""
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        outcome = run_job(job, eval_tokens, samples, result_path, adaptive=adaptive, zeroshot_samples=zeroshot_samples)
+    except KeyboardInterrupt:  # Ctrl-C after training (training itself checkpoints and returns)
+        outcome = {"finished": False, "summary": "interrupted by SIGINT"}
+    except Exception as err:  # noqa: BLE001 - one failed run must not stop the grid
+        if not isinstance(err, InfmoeError):
+            traceback.print_exc()  # a bug: keep its traceback
+        outcome = {"finished": False, "summary": f"FAILED: {type(err).__name__}: {err}"}
+    result_pipe.send(outcome)
+    result_pipe.close()
+
+
+class _StopSignals:
+    """While a grid runs, SIGINT and SIGTERM record themselves in `signal` (the grid then
+    starts nothing more) and pass SIGTERM on to the running jobs, which checkpoint and
+    stop. Without this a killed grid would orphan its jobs, which keep training into
+    their run folders. Outside the main thread signals cannot be caught: nothing changes."""
+
+    def __init__(self, running: dict[Any, tuple[Any, Job]]):
+        self.running, self.signal, self._previous = running, None, {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._stop)
+        return self
+
+    def _stop(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        for process, _ in list(self.running.values()):
+            process.terminate()
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_inputs(spec: Spec, jobs: Sequence[Job]) -> None:
+    """Check that what `jobs` read from outside the spec exists: the corpus when it is a
+    local path (a Hugging Face name is only checked when loaded), the checkpoint a run
+    starts from, the zero-shot files. One `InfmoeError` naming the spec and the field."""
+    from infmoe.data.sources import EMBEDDED, resolve_source
+    from infmoe.loading import model_path
+
+    if not jobs:
+        return
+    where = "data"
+    try:
+        if spec.data != EMBEDDED:  # the embedded corpus is always there (and resolving it writes a cache)
+            resolve_source(spec.data, Path())  # cheap: finds the files, reads no text
+        for job in jobs:
+            if job.settings.get("init_from") is not None:
+                where = f"runs.{job.run}.init_from"
+                model_path(job.settings["init_from"])
+        for task, file in {task: file for job in jobs for task, file in job.zeroshot.items()}.items():
+            where = f"eval.zeroshot.{task}"
+            if not Path(file).is_file():
+                raise DataError(f"{file} is not a file; give the {task} jsonl file (one record per line)")
+    except InfmoeError as err:
+        raise type(err)(f"experiment spec {spec.path}: {where}: {err}") from None
 
 
 def run_job(job: Job, eval_tokens: int, samples: list[int], result_path: str, *, adaptive: int | None = None,
@@ -233,6 +308,37 @@ def training_minutes(record: dict[str, Any]) -> float:
     return seconds / 60
 
 
+RESULT_KEYS = ("run", "seed", "steps", "tokens_seen", "params", "headline", "sweep", "baselines", "curve")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result JSON that `run_job` wrote; a `ConfigError` naming the file for any other
+    file (the report would otherwise fail on it deep inside a table)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read result {path}: {err.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _not_a_result(path, "not JSON") from None
+    if not isinstance(record, dict):
+        raise _not_a_result(path, "not a JSON object")
+    missing = [key for key in RESULT_KEYS if key not in record]
+    if missing:
+        raise _not_a_result(path, f"no {missing[0]!r} key")
+    return record
+
+
+def _not_a_result(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{path} is not an experiment result ({problem}); move it out of the results folder, "
+                       "which holds only the grid's results")
+
+
+def check_results(results_dir: Path) -> None:
+    """Refuse a results folder holding a JSON that is not one of ours (`read_result`)."""
+    for path in sorted(results_dir.glob("*.json")):
+        read_result(path)
+
+
 def refresh_curves(spec: Spec) -> int:
     """Re-read the curve of every finished run from its metrics.jsonl (no retraining), so
     results written by an older version gain what `read_curve` now records."""
@@ -240,7 +346,7 @@ def refresh_curves(spec: Spec) -> int:
     for job in spec.jobs:
         result, metrics = spec.result_path(job), Path(job.settings["out_dir"]) / METRICS_FILE
         if result.exists() and metrics.exists():
-            record = json.loads(result.read_text())
+            record = read_result(result)
             curve = read_curve(metrics)
             if curve != record.get("curve") or "train_seconds_this_session" in record:
                 record["curve"] = curve

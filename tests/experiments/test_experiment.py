@@ -173,16 +173,24 @@ def test_the_shipped_specs_are_valid():
 
 
 def test_a_failing_run_is_reported_and_the_others_finish(tmp_path, corpus, cache_dir, capsys):
-    spec = write_spec(tmp_path, corpus, cache_dir,
-                      eval={"tokens": 1024, "samples": [1], "zeroshot": {"piqa": str(tmp_path / "missing.jsonl")}},
+    """A job that fails only once it runs (a zero-shot file that is there but not JSON) does
+    not stop the others; the grid then lists it last and exits 1, so a script can tell."""
+    task = tmp_path / "piqa.jsonl"
+    task.write_text("not json\n")
+    spec = write_spec(tmp_path, corpus, cache_dir, eval={"tokens": 1024, "samples": [1], "zeroshot": {"piqa": str(task)}},
                       runs={"broken": {"config": "tiny-dense", "zeroshot": True}, "fine": {"config": "tiny-dense"}})
-    assert main(["experiment", spec, "--jobs", "2"]) == 0
-    out = capsys.readouterr().out
+    assert main(["experiment", spec, "--jobs", "2"]) == 1
+    out, err = capsys.readouterr()
     assert "broken-seed0: FAILED: DataError" in out and "fine-seed0: val loss" in out
+    assert err.splitlines()[-2:] == ["infmoe experiment: 1 job(s) failed; fix the cause and run the same command to "
+                                     "retry them:", f"  broken-seed0: FAILED: DataError: {task}:1: not a JSON object "
+                                     "(Expecting value); a piqa record is {goal, sol1, sol2, label}"]
     assert [p.stem for p in (tmp_path / "results").glob("*.json")] == ["fine-seed0"]
 
 
 def test_kill_stops_the_workers_too_and_leaves_a_checkpoint(tmp_path, corpus, cache_dir):
+    """A real SIGTERM to a grid of three jobs, one at a time, while the first trains: it
+    checkpoints, no worker outlives the grid, and no queued job starts (issue 22 item 8)."""
     import os
     import signal
     import subprocess
@@ -194,8 +202,9 @@ def test_kill_stops_the_workers_too_and_leaves_a_checkpoint(tmp_path, corpus, ca
     long_run = dict(batch_size=4, max_steps=100_000, warmup_steps=1, eval_interval=100_000, eval_tokens=1024,
                     log_interval=1, save_interval=100_000, tensorboard=False, threads=1, n_layer=1, d_model=32,
                     n_head=2, n_ctx=32, cache_dir=str(cache_dir), tokenizer="bpe", tokenizer_vocab=512)
-    spec = write_spec(tmp_path, corpus, cache_dir, train=long_run, runs={"dense": {"config": "tiny-dense"}})
-    log = tmp_path / "runs" / "dense-seed0" / "metrics.jsonl"
+    runs = {name: {"config": "tiny-dense"} for name in ("first", "second", "third")}
+    spec = write_spec(tmp_path, corpus, cache_dir, train=long_run, runs=runs, report=[])
+    log = tmp_path / "runs" / "first-seed0" / "metrics.jsonl"
     grid = subprocess.Popen([sys.executable, "-m", "infmoe.cli", "experiment", spec, "--jobs", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -204,9 +213,9 @@ def test_kill_stops_the_workers_too_and_leaves_a_checkpoint(tmp_path, corpus, ca
             assert grid.poll() is None, grid.communicate()[0]
             time.sleep(0.2)
         grid.send_signal(signal.SIGTERM)  # the parent only, as `kill PID` does
-        out = grid.communicate(timeout=120)[0]
+        out = grid.communicate(timeout=60)[0]  # the queued jobs would train for hours
         assert grid.returncode == 143, out
-        assert "interrupted" in out and "run the same command to continue" in out
+        assert "interrupted by SIGTERM" in out and "2 queued not started; run the same command to continue" in out
         for _ in range(100):  # no worker outlives the grid
             try:
                 os.killpg(grid.pid, 0)
@@ -216,6 +225,7 @@ def test_kill_stops_the_workers_too_and_leaves_a_checkpoint(tmp_path, corpus, ca
         else:
             raise AssertionError("a worker of the killed grid is still running")
         assert 0 < load_checkpoint(log.parent / "checkpoint.safetensors").state["step"] < 100_000
+        assert [p.name for p in (tmp_path / "runs").iterdir()] == ["first-seed0"]
     finally:
         if grid.poll() is None:
             os.killpg(grid.pid, signal.SIGKILL)
