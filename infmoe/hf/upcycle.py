@@ -37,6 +37,9 @@ def upcycle_to_infmoe(dense: GPT, *, d_z: int, **ffn_options: Any) -> GPT:
     global RNG: seed it for a repeatable result. `dense` is left unchanged."""
     if dense.config.ffn != "dense":
         raise ConfigError(f"upcycling needs a dense model, got ffn={dense.config.ffn!r}: give a dense GPT")
+    if ffn_options.get("glu"):  # a GELU MLP's rows are no GLU's gate and up rows
+        raise ConfigError("glu=True is invalid for upcycling: it copies a GELU MLP into the MLP units; "
+                          "leave glu unset")
     width = dense.config.ffn_hidden
     config = dense.config.replace(ffn="infmoe", d_hidden=2 * width, ffn_options={"d_z": d_z, **ffn_options})
     model = GPT(config).to(device=dense.wte.weight.device, dtype=dense.wte.weight.dtype)

@@ -69,6 +69,9 @@ DECODE_LIMIT = {"host": 0.8, "static": 0.8}
 # all K · T · n_kept rows at once: at B = 64, K = 1 (fraction 0.5), 2048 tokens, d = 768,
 # H = 6144, fp32, 2 threads it took 1.54x the compiled full path (1194 ms against 774 ms,
 # `python benchmarks/compiled_paths.py`): a = 1.54 / 0.5.
+# A GLU block (three matrices) costs 3/2 of an MLP block on both paths, which leaves a as it
+# is; b, a per-row cost (gathering x, adding into y) that the third matrix does not grow,
+# shrinks to b / 1.5 against it. Reasoned, not measured.
 SPARSE_COST = {"host": (1.05, 37.0), "static": (1.0, 16.0), "compiled-cpu": (3.1, 0.0)}
 
 
@@ -109,7 +112,7 @@ def choose_path(layer, *, device: torch.device, dtype: torch.dtype, grad: bool, 
     if not grad and (tokens * fraction <= DECODE_LIMIT[plan] or tokens == 1 and plan == "host"):
         return "rows" if plan == "host" else "gather"
     a, b = SPARSE_COST["compiled-cpu" if plan == "static" and planned_device(device) == "cpu" else plan]
-    if fraction * (a + b / layer.block_size) <= 1 and (plan == "host" or grouped_ok):
+    if fraction * (a + b / (layer.block_size * layer.matrices / 2)) <= 1 and (plan == "host" or grouped_ok):
         return "sparse" if plan == "host" else "grouped"
     return "full" if full_ok else "masked"
 

@@ -4,7 +4,10 @@ routing's score map, top-N selection and sigmoid gate folded into one autograd F
     s_k = z_k Aᵀ + c                                  scores of sample k, (T, n_blocks)
     m_k = sigmoid(s_k) ⊙ top_N(s_k)                   gates of the kept blocks, 0 elsewhere
     m̄   = mean_k m_k                                  (T, n_blocks)
-    y   = (gelu(x W_inᵀ + b_in) ⊙ m̄) W_out + b_out    m̄ broadcast over each block's units
+    y   = (h(x W_inᵀ + b_in) ⊙ m̄) W_out + b_out       m̄ broadcast over each block's units
+
+h is GELU, or for a gated ∞-MoE (ffn "glu") act(gate) ⊙ up of each block's 2B input rows
+(`layers.activation`; W_in is then (2H, d)).
 
 This is the path for per-unit routing (B = 1) and wherever the union of a token's masks is
 most of H: at 50% density the dense matmuls over all of H cost less on dense hardware than
@@ -20,7 +23,7 @@ runs on the kept half only), and backward uses that sigmoid's derivative is m (1
 where a block is kept (and 0 where it is not):
 
 - K = 1: dL/ds = (1 - m) Σ_block dL/dh̃ ⊙ h̃ for the gated hidden h̃ = m h, so GELU is not
-  even recomputed.
+  even recomputed (the GLU's act is, once, for dL/d up).
 - K > 1: the same sum is m̄ · dL/dm̄, so dL/dm̄ = Σ_block (dL/dh̃ ⊙ h̃) / m̄ wherever m̄ > 0
   (where m̄ = 0 no sample kept the block, and no sample's score gets a gradient there);
   then dL/ds_k = dL/dm̄ / K ⊙ m_k (1 - m_k), one sample at a time. GELU is not
@@ -30,8 +33,9 @@ What backward keeps does not grow with K beyond one bit per (sample, token, bloc
 Forward forms each sample's scores and selection in (T, n_blocks) temporaries, one sample
 at a time, accumulating m̄ and the union of the masks, and saves x, z, A, c, w_in, w_out,
 the pre-activation and the gated hidden (two (T, H) tensors, as a dense MLP's autograd
-keeps two), m̄ (T, n_blocks) and, for K > 1 with the sigmoid gate, each sample's selection
-packed eight blocks to a byte (K, T, ⌈n_blocks / 8⌉). Backward recomputes each m_k from
+keeps two; the GLU's pre-activation is (T, 2H)), m̄ (T, n_blocks) and, for K > 1 with
+the sigmoid gate, each sample's selection packed eight blocks to a byte (K, T,
+⌈n_blocks / 8⌉). Backward recomputes each m_k from
 z_k with one small matmul and that selection; no second topk. At d = 768, H = 6144 per
 unit, N = 50%, 512 tokens it saves 78 MB at K = 1 and 86 MB at K = 16 (weights included),
 where K float gate maps would take 269 MB. The reference it must equal is
@@ -47,7 +51,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from infmoe.layers.base import gelu
+from infmoe.layers.activation import hidden, hidden_backward
 from infmoe.layers.scratch import scratch
 
 
@@ -80,15 +84,16 @@ def gate_scores(z: torch.Tensor, score_w: torch.Tensor, score_b: torch.Tensor, n
 class FullWidthFFN(torch.autograd.Function):
     """(y, usage) = the module docstring's y, and the share of the T tokens whose union of
     K masks holds each block (n_blocks,), from x (T, d), z (K, T, d_z), score weight A
-    (n_blocks, d_z) and bias c (n_blocks,), w_in (H, d), b_in (H,), w_out (H, d), b_out (d,).
-    usage is not differentiable. Routing (z, A, c, the scores and gates) stays in fp32;
-    the FFN runs in x's dtype. Not twice differentiable."""
+    (n_blocks, d_z) and bias c (n_blocks,), w_in (H, d), b_in (H,), w_out (H, d), b_out (d,);
+    for the GLU (glu: its gate's activation, else None) w_in (2H, d) and b_in (2H,), laid
+    out as `layers.activation` says. usage is not differentiable. Routing (z, A, c, the
+    scores and gates) stays in fp32; the FFN runs in x's dtype. Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, x, z, score_w, score_b, w_in, b_in, w_out, b_out, n_kept, sigmoid):
+    def forward(ctx, x, z, score_w, score_b, w_in, b_in, w_out, b_out, n_kept, sigmoid, glu):
         k, t, _ = z.shape
         n_blocks = score_w.shape[0]
-        block = w_in.shape[0] // n_blocks
+        block = w_out.shape[0] // n_blocks
         routed = sigmoid and k > 1 and any(ctx.needs_input_grad[1:4])  # backward needs each m_k
         mean_gate = z.new_zeros(t, n_blocks)  # kept for backward
         union = scratch("full_width.union", (t, n_blocks), z.dtype, z.device).zero_()
@@ -112,11 +117,11 @@ class FullWidthFFN(torch.autograd.Function):
         if k > 1:
             mean_gate.div_(k)
         usage = union.sum(0).div_(t)
-        a = torch.addmm(b_in, x, w_in.t())  # (T, H)
-        gated = gelu(a)
+        a = torch.addmm(b_in, x, w_in.t())  # (T, H), the GLU's (T, 2H)
+        gated = hidden(a, block, glu)
         gated.view(t, n_blocks, block).mul_(mean_gate.to(gated.dtype).unsqueeze(-1))
         y = torch.addmm(b_out, gated, w_out)
-        ctx.sigmoid = sigmoid
+        ctx.sigmoid, ctx.glu = sigmoid, glu
         ctx.save_for_backward(x, z, score_w, score_b, w_in, w_out, a, gated, mean_gate, selections)
         ctx.mark_non_differentiable(usage)
         ctx.set_materialize_grads(False)  # no zero gradient made for `usage`
@@ -135,15 +140,16 @@ class FullWidthFFN(torch.autograd.Function):
         need_x, need_z, need_sw, need_sb, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:8]
         k, t, _ = z.shape
         n_blocks = score_w.shape[0]
-        block = w_in.shape[0] // n_blocks
+        block = w_out.shape[0] // n_blocks
         dy = dy.contiguous()
-        d_gated = torch.mm(dy, w_out.t(), out=scratch("full_width.d_gated", a.shape, a.dtype, a.device))
+        d_gated = torch.mm(dy, w_out.t(), out=scratch("full_width.d_gated", gated.shape, a.dtype, a.device))
         dw_out = gated.t() @ dy if need_w_out else None
         db_out = dy.sum(0) if need_b_out else None
         dz = dsw = dsb = None
         if ctx.sigmoid and (need_z or need_sw or need_sb):
-            # m̄ · dL/dm̄ = Σ_block dL/dh̃ ⊙ h̃ for h̃ = m̄ gelu(a): no GELU recomputed
-            product = torch.mul(d_gated, gated, out=scratch("full_width.product", a.shape, a.dtype, a.device))
+            # m̄ · dL/dm̄ = Σ_block dL/dh̃ ⊙ h̃ for h̃ = m̄ h(a): no activation recomputed
+            product = torch.mul(d_gated, gated,
+                                out=scratch("full_width.product", gated.shape, a.dtype, a.device))
             d_scaled = _block_sum(product, t, n_blocks, block).to(mean_gate.dtype)
             if k == 1:  # dL/ds = m (1 - m) dL/dm = (1 - m) · the sum above
                 d_scores = d_scaled.addcmul_(d_scaled, mean_gate, value=-1)
@@ -166,11 +172,11 @@ class FullWidthFFN(torch.autograd.Function):
                         dsb = d_scores.sum(0) if dsb is None else dsb.add_(d_scores.sum(0))
             del d_scores, d_scaled, product
         d_gated.view(t, n_blocks, block).mul_(mean_gate.to(d_gated.dtype).unsqueeze(-1))
-        da = torch.ops.aten.gelu_backward.grad_input(d_gated, a, approximate="tanh", grad_input=d_gated)
+        da = hidden_backward(d_gated, a, block, ctx.glu)
         dx = da @ w_in if need_x else None
         dw_in = da.t() @ x if need_w_in else None
         db_in = da.sum(0) if need_b_in else None
-        return dx, dz, dsw, dsb, dw_in, db_in, dw_out, db_out, None, None
+        return dx, dz, dsw, dsb, dw_in, db_in, dw_out, db_out, None, None, None
 
 
 def _top_n(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,9 +244,10 @@ def _block_sum(u: torch.Tensor, t: int, n_blocks: int, block: int) -> torch.Tens
 
 def full_width_ffn(x: torch.Tensor, z: torch.Tensor, score: torch.nn.Linear, w_in: torch.Tensor,
                    b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, n_kept: int,
-                   sigmoid: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   sigmoid: bool = True, glu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`FullWidthFFN` → (y (T, d), usage (n_blocks,)). `sigmoid`: the sigmoid gate (the
-    scores' gradient flows); False: the constant gate 1 (none does). Under autocast the FFN
+    scores' gradient flows); False: the constant gate 1 (none does). `glu`: the GLU gate's
+    activation, None for the GELU MLP. Under autocast the FFN
     runs in the autocast dtype (gradients flow back to the originals through the casts) and
     routing in at least fp32."""
     device = x.device.type
@@ -249,4 +256,4 @@ def full_width_ffn(x: torch.Tensor, z: torch.Tensor, score: torch.nn.Linear, w_i
     x, w_in, b_in, w_out, b_out = (u.to(dtype) for u in (x, w_in, b_in, w_out, b_out))
     z, score_w, score_b = (u.to(routing) for u in (z, score.weight, score.bias))
     with torch.autocast(device, enabled=False):
-        return FullWidthFFN.apply(x, z, score_w, score_b, w_in, b_in, w_out, b_out, n_kept, sigmoid)
+        return FullWidthFFN.apply(x, z, score_w, score_b, w_in, b_in, w_out, b_out, n_kept, sigmoid, glu)

@@ -6,7 +6,9 @@ gate weight g:
 
     y[t] = Σ_{rows r of token t}  g_r · GELU(x[t] @ w1[group_r] + b1[group_r]) @ w2[group_r]
 
-with w1 (G, d, B), b1 (G, B), w2 (G, B, d). Rows are sorted by group, so group i owns the
+with w1 (G, d, B), b1 (G, B), w2 (G, B, d). With `glu` set (a gated group: GELU becomes
+act(a_gate) ⊙ a_up, `layers.activation`), w1 is (G, d, 2B) and b1 (G, 2B), each group's
+B gate columns first, then its B up columns. Rows are sorted by group, so group i owns the
 contiguous rows [offs[i-1], offs[i]) and each matmul over a run of groups is *one* grouped
 matmul (`torch._grouped_mm`: 2D rows × 3D weights forward, 2D × 2D for weight gradients).
 Only the rows that exist are computed, forward and backward; nothing of size (tokens, G·B)
@@ -53,7 +55,8 @@ from torch.autograd.function import once_differentiable
 from torch.torch_version import TorchVersion
 
 from infmoe.errors import ConfigError
-from infmoe.layers.base import at_least_fp32, gelu
+from infmoe.layers.activation import hidden, hidden_backward
+from infmoe.layers.base import at_least_fp32
 
 # Largest (rows, d) temporary a chunk may allocate, on CPU; a chunk holds one group at least.
 # Two reasons. Memory: the gathered rows are d / B times the size of the hidden activations,
@@ -373,9 +376,10 @@ class _WeightGrad:
 
 
 def _forward(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-             chunks: list[Chunk]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """y (T, d) in x's dtype, and each chunk's pre-activation (rows, B), all backward keeps
-    (GELU is cheap to redo). y is summed in at least fp32 and rounded once."""
+             chunks: list[Chunk], glu: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """y (T, d) in x's dtype, and each chunk's pre-activation (rows, B) ((rows, 2B) gated),
+    all backward keeps (the activation is cheap to redo). y is summed in at least fp32 and
+    rounded once."""
     y = torch.zeros(x.shape[0], w2.shape[-1], dtype=at_least_fp32(x).dtype, device=x.device)
     pre_activations = []
     for c in chunks:
@@ -383,7 +387,7 @@ def _forward(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, b1: torch.Te
         a = grouped_mm(x.index_select(0, c.token), w1[groups], c)  # (rows, B)
         a += _rows_of(b1, c)
         pre_activations.append(a)
-        h = gelu(a).mul_(gate[c.rows, None])
+        h = hidden(a, w2.shape[1], glu).mul_(gate[c.rows, None])
         # each token's rows add up: the sum over its blocks (or experts)
         y.index_add_(0, c.token, grouped_mm(h, w2[groups], c).to(y.dtype))
     return y.to(x.dtype), pre_activations
@@ -391,7 +395,7 @@ def _forward(x: torch.Tensor, gate: torch.Tensor, w1: torch.Tensor, b1: torch.Te
 
 def _backward(needs: tuple[bool, ...], dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor,
               w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, chunks: list[Chunk],
-              pre_activations: list[torch.Tensor]):
+              pre_activations: list[torch.Tensor], glu: str | None = None):
     """Gradients (dx, dgate, dw1, db1, dw2) of `_forward`, None where `needs` says so."""
     need_x, need_gate, need_w1, need_b1, need_w2 = needs
     accumulate = at_least_fp32(x).dtype
@@ -405,7 +409,7 @@ def _backward(needs: tuple[bool, ...], dy: torch.Tensor, x: torch.Tensor, gate: 
     for c, a in zip(chunks, pre_activations):
         groups = slice(c.group_start, c.group_end)
         g = gate[c.rows, None]
-        h = gelu(a)
+        h = hidden(a, w2.shape[1], glu)
         dy_rows = dy.index_select(0, c.token)
         dgated = grouped_mm(dy_rows, w2[groups].transpose(1, 2), c)  # d(g · h), (rows, B)
         if need_gate:  # the router's gradient: ∂y/∂g = h @ w2, so dg = <d(g · h), h>
@@ -413,7 +417,7 @@ def _backward(needs: tuple[bool, ...], dy: torch.Tensor, x: torch.Tensor, gate: 
         if need_w2:
             dw2.add(h.mul_(g), dy_rows, c)
         del dy_rows, h  # free before the next (rows, d) temporaries
-        da = torch.ops.aten.gelu_backward(dgated.mul_(g), a, approximate="tanh")
+        da = hidden_backward(dgated.mul_(g), a, w2.shape[1], glu)
         if need_b1 and c.group_end - c.group_start == 1:  # the common CPU chunk: one block
             db1[c.group_start] += da.sum(0, dtype=accumulate)
         elif need_b1:
@@ -431,7 +435,8 @@ class GroupedFFN(torch.autograd.Function):
     the host plan.
 
     Inputs: x (T, d), gate (rows,), w1 (G, d, B) (row-major, or a transposed view of a
-    (G, B, d) tensor), b1 (G, B), w2 (G, B, d), chunks from `plan_chunks`. Gradients for all
+    (G, B, d) tensor), b1 (G, B), w2 (G, B, d), chunks from `plan_chunks`; glu: a gated
+    group's activation (w1 (G, d, 2B), b1 (G, 2B)), None for GELU. Gradients for all
     five tensors; only those that are needed are computed; gradients of groups without rows
     are exactly zero. The backward is not itself differentiable (it raises if asked).
 
@@ -441,9 +446,9 @@ class GroupedFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate, w1, b1, w2, chunks):
-        y, pre_activations = _forward(x, gate, w1, b1, w2, chunks)
-        ctx.chunks = chunks
+    def forward(ctx, x, gate, w1, b1, w2, chunks, glu=None):
+        y, pre_activations = _forward(x, gate, w1, b1, w2, chunks, glu)
+        ctx.chunks, ctx.glu = chunks, glu
         ctx.save_for_backward(x, gate, w1, b1, w2, *pre_activations)
         return y
 
@@ -451,22 +456,24 @@ class GroupedFFN(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, gate, w1, b1, w2, *pre_activations = ctx.saved_tensors
-        grads = _backward(ctx.needs_input_grad[:5], dy, x, gate, w1, b1, w2, ctx.chunks, pre_activations)
-        return *grads, None
+        grads = _backward(ctx.needs_input_grad[:5], dy, x, gate, w1, b1, w2, ctx.chunks, pre_activations,
+                          ctx.glu)
+        return *grads, None, None
 
 
 class StaticGroupedFFN(torch.autograd.Function):
     """`GroupedFFN` on the static plan: one chunk of all G groups, whose offsets and empty
     groups stay on the device.
 
-    Inputs: x, gate (rows,), w1, b1, w2 as `GroupedFFN`; token (rows,) and group (rows,)
-    int64 sorted by group; offs (G,) int32, the cumulative rows per group. Saves the inputs
-    and the pre-activation (rows, B), nothing else.
+    Inputs: x, gate (rows,), w1, b1, w2, glu as `GroupedFFN`; token (rows,) and group
+    (rows,) int64 sorted by group; offs (G,) int32, the cumulative rows per group. Saves the
+    inputs and the pre-activation (rows, B) ((rows, 2B) gated), nothing else.
     """
 
     @staticmethod
-    def forward(ctx, x, gate, w1, b1, w2, token, group, offs):
-        y, (a,) = _forward(x, gate, w1, b1, w2, [_static_chunk(token, group, offs)])
+    def forward(ctx, x, gate, w1, b1, w2, token, group, offs, glu=None):
+        y, (a,) = _forward(x, gate, w1, b1, w2, [_static_chunk(token, group, offs)], glu)
+        ctx.glu = glu
         ctx.save_for_backward(x, gate, w1, b1, w2, token, group, offs, a)
         return y
 
@@ -475,8 +482,8 @@ class StaticGroupedFFN(torch.autograd.Function):
     def backward(ctx, dy):
         x, gate, w1, b1, w2, token, group, offs, a = ctx.saved_tensors
         chunks = [_static_chunk(token, group, offs)]
-        grads = _backward(ctx.needs_input_grad[:5], dy, x, gate, w1, b1, w2, chunks, [a])
-        return *grads, None, None, None
+        grads = _backward(ctx.needs_input_grad[:5], dy, x, gate, w1, b1, w2, chunks, [a], ctx.glu)
+        return *grads, None, None, None, None
 
 
 def _static_chunk(token: torch.Tensor, group: torch.Tensor, offs: torch.Tensor) -> Chunk:
@@ -511,19 +518,22 @@ def grouped_ffn(
     w1: torch.Tensor,
     b1: torch.Tensor,
     w2: torch.Tensor,
+    glu: str | None = None,
 ) -> torch.Tensor:
     """Σ over rows of gate · GELU(x[token] @ w1[group] + b1[group]) @ w2[group] → (T, d),
     on the host plan.
 
     x (T, d); token (rows,) sorted by group; counts (G,) rows per group (read on the host);
-    gate (rows,); w1 (G, d, B); b1 (G, B); w2 (G, B, d). Under autocast everything is cast
+    gate (rows,); w1 (G, d, B); b1 (G, B); w2 (G, B, d). glu: gated groups, GELU replaced by
+    act(gate part) ⊙ up part, w1 (G, d, 2B), b1 (G, 2B) (the module docstring); None: GELU.
+    Under autocast everything is cast
     to the autocast dtype (gradients flow back to the originals through the casts).
     """
     device, (x, gate, w1, b1, w2) = _in_compute_dtype(x, gate, w1, b1, w2)
     row_bytes = row_bytes_for(x)
     chunks = plan_chunks(token, counts, row_bytes, CHUNK_BYTES if row_bytes else None)
     with torch.autocast(device, enabled=False):
-        return GroupedFFN.apply(x, gate, w1, b1, w2, chunks)
+        return GroupedFFN.apply(x, gate, w1, b1, w2, chunks, glu)
 
 
 def grouped_ffn_static(
@@ -534,15 +544,16 @@ def grouped_ffn_static(
     w1: torch.Tensor,
     b1: torch.Tensor,
     w2: torch.Tensor,
+    glu: str | None = None,
 ) -> torch.Tensor:
     """The same sum as `grouped_ffn` → (T, d), on the static plan: nothing is read on the
     host, every shape is fixed by the inputs' shapes, and it compiles whole.
 
     x (T, d); token (rows,) and group (rows,) int64, in any order; gate (rows,) (a row
     with gate 0 is computed and contributes zero); w1 (G, d, B), possibly a transposed view;
-    b1 (G, B); w2 (G, B, d). The rows are sorted by group on the device (stable argsort)
-    and one grouped matmul runs per product over all G groups, so G may be at most
-    `MAX_GROUPS` (a `ConfigError` beyond). Autocast as `grouped_ffn`.
+    b1 (G, B); w2 (G, B, d); glu as `grouped_ffn`. The rows are sorted by group on the
+    device (stable argsort) and one grouped matmul runs per product over all G groups, so G
+    may be at most `MAX_GROUPS` (a `ConfigError` beyond). Autocast as `grouped_ffn`.
     """
     n_groups = w1.shape[0]
     if n_groups > MAX_GROUPS:
@@ -555,4 +566,4 @@ def grouped_ffn_static(
                               right=True, out_int32=True)
     device, (x, gate, w1, b1, w2) = _in_compute_dtype(x, gate, w1, b1, w2)
     with torch.autocast(device, enabled=False):
-        return StaticGroupedFFN.apply(x, gate[order], w1, b1, w2, token[order], group, offs)
+        return StaticGroupedFFN.apply(x, gate[order], w1, b1, w2, token[order], group, offs, glu)

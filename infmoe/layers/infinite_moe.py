@@ -5,7 +5,8 @@
     s_k = A z_k + c                                      one score per block of B hidden units
     m_k = g(s_k) on the top ceil(N · H/B) blocks, else 0 a gated mask per sample
     m̄ = (1/K) Σ_k m_k                                    averaged, applied once:
-    y = W_out (m̄ ⊙ GELU(W_in x + b_in)) + b_out
+    y = W_out (m̄ ⊙ GELU(W_in x + b_in)) + b_out                      the paper's MLP
+    y = W_out (m̄ ⊙ act(W_gate x + b_gate) ⊙ (W_up x + b_up)) + b_out    glu=True: gated
 
 This module states the method: router → z → scores → top-N → gates → mean over K → FFN.
 How y is computed (every unit, or only the chosen blocks, on the host's plan or the static
@@ -24,9 +25,11 @@ import torch
 from torch import nn
 
 from infmoe.errors import InfmoeError, choose, divisor, flag, invalid, positive_int, real
+from infmoe.layers.activation import in_rows
 from infmoe.layers.adaptive import adaptive_keep, adaptive_select
 from infmoe.layers.base import FFNAux, FFNLayer, count_kept, init_normal_
 from infmoe.layers.dispatch import choose_path
+from infmoe.layers.glu import ACTIVATIONS
 from infmoe.layers.paths import mean_mask, run_full, run_selected, union
 from infmoe.layers.routing import GaussianRouter, Route, kl_penalty, top_blocks
 
@@ -52,7 +55,8 @@ class InfiniteMoE(FFNLayer):
 
     Args:
         d_model: model width d.
-        d_hidden: width H of the one large FFN (the paper uses 2 × the dense width).
+        d_hidden: width H of the one large FFN (the paper uses 2 × the dense width): the
+            hidden units the mask selects from (gated units where glu).
         d_z: dimension of the continuous expert index z.
         active_fraction: N, the fraction of blocks each sample keeps, in (0, 1].
         block_size: B, hidden units per block; H must be divisible by B. 1 = per unit.
@@ -76,6 +80,14 @@ class InfiniteMoE(FFNLayer):
         impl: how y is computed; every choice gives the same y. "auto" lets
             `dispatch.choose_path` pick per call; "full", "sparse", "rows" (inference
             only) and "masked" (the plain-autograd reference) force one (`layers.paths`).
+        glu: the large FFN is gated (`layers.glu`): w_in (2H, d) and b_in (2H,) hold each
+            block's B gate rows, then its B up rows (`layers.activation`), so a unit costs
+            3 d + 2 parameters instead of 2 d + 1. False (the default): the paper's GELU
+            MLP, w_in (H, d). The score gate g(s) still scales each kept block on top of
+            the GLU's own gate: it is what carries the router's gradient.
+        activation: the GLU gate's activation, "silu" (SwiGLU, the default with glu) or
+            "gelu" (GEGLU, GPT-2's tanh form). The MLP is GELU only (None or "gelu"): its
+            dense baseline (`DenseMLP`) is GELU, so a SiLU MLP would be compared with nothing.
     """
 
     def __init__(
@@ -96,6 +108,8 @@ class InfiniteMoE(FFNLayer):
         mu_norm: bool = False,
         train_samples: tuple[int, ...] | list[int] = (),
         impl: str = "auto",
+        glu: bool = False,
+        activation: str | None = None,
     ) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
         self.d_z = positive_int("d_z", d_z)
@@ -110,6 +124,11 @@ class InfiniteMoE(FFNLayer):
             raise invalid("train_samples", train_samples, "must be a list of sample counts, e.g. [1, 2, 4]")
         self.train_samples = tuple(positive_int("train_samples", k) for k in train_samples)
         self.impl = choose("impl", impl, IMPLS)
+        self.glu = flag("glu", glu)
+        if not glu and activation not in (None, "gelu"):
+            raise invalid("activation", activation, "the MLP is GELU only ('gelu'); 'silu' needs glu=true")
+        default = "silu" if glu else "gelu"
+        self.activation = choose("activation", default if activation is None else activation, ACTIVATIONS)
         self.n_samples = n_samples
         self.mode = mode
         self.next_train_samples: int | None = None  # K of the next training forward (`draw_train_samples`)
@@ -117,12 +136,28 @@ class InfiniteMoE(FFNLayer):
         self.router = GaussianRouter(d_model, self.d_z, n_components=positive_int("n_components", n_components),
                                      sigma_min=real("sigma_min", sigma_min, low=0), mu_norm=flag("mu_norm", mu_norm))
         self.score = nn.Linear(d_z, self.n_blocks)  # z → one score per block
-        # Both projections stored (H, d) so a block is a contiguous slice of rows.
-        self.w_in = nn.Parameter(torch.empty(d_hidden, d_model))
-        self.b_in = nn.Parameter(torch.empty(d_hidden))
+        # Both projections stored (rows, d) so a block is a contiguous slice of rows: w_in
+        # (H, d), or (2H, d) for the GLU (a block's gate rows, then its up rows).
+        self.w_in = nn.Parameter(torch.empty(self.in_rows, d_model))
+        self.b_in = nn.Parameter(torch.empty(self.in_rows))
         self.w_out = nn.Parameter(torch.empty(d_hidden, d_model))
         self.b_out = nn.Parameter(torch.empty(d_model))
         self.reset_parameters()
+
+    @property
+    def glu_activation(self) -> str | None:
+        """The GLU gate's activation, None for the MLP: what the paths take (`layers.activation`)."""
+        return self.activation if self.glu else None
+
+    @property
+    def in_rows(self) -> int:
+        """Rows of w_in: H, or 2H for the GLU."""
+        return in_rows(self.d_hidden, self.glu_activation)
+
+    @property
+    def matrices(self) -> int:
+        """Weight rows a hidden unit owns: 2 (an input and an output row), 3 for the GLU."""
+        return 3 if self.glu else 2
 
     # The router's options, readable on the layer whose options they are.
     @property
@@ -346,7 +381,8 @@ class InfiniteMoE(FFNLayer):
         return 1 - (1 - self.n_kept / self.n_blocks) ** n_samples
 
     def active_parameters(self, n_samples: int = 1) -> float:
-        per_unit = 2 * self.d_model + 1  # a row of w_in, its bias, a row of w_out
+        # a row of w_in and its bias (the GLU: a gate and an up row, two biases), a row of w_out
+        per_unit = self.matrices * self.d_model + self.matrices - 1
         dense_part = sum(p.numel() for p in (self.router.weight, self.router.bias, self.b_out))
         dense_part += self.score.weight.numel() + self.score.bias.numel()
         return dense_part + self.union_fraction_bound(n_samples) * self.d_hidden * per_unit
@@ -354,16 +390,17 @@ class InfiniteMoE(FFNLayer):
     def flops_per_token(self, n_samples: int = 1, union: float | None = None, executed: bool = False,
                         device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
         """The router (d → its outputs: 2 d_z per component, plus C mixture logits), K score
-        maps (d_z → H/B), and both projections of the blocks computed: the union fraction
-        of H; where ``executed``, what the path training takes on `device` computes (all
-        of H on the full and masked paths, K · N of H on the static plan's grouped path)."""
+        maps (d_z → H/B), and the projections (two, three for the GLU) of the blocks
+        computed: the union fraction of H; where ``executed``, what the path training takes
+        on `device` computes (all of H on the full and masked paths, K · N of H on the
+        static plan's grouped path)."""
         router = 2 * self.d_model * self.router.out_features
         scores = n_samples * 2 * self.d_z * self.n_blocks
         fraction = self.union_fraction_bound(n_samples) if union is None else union
         if executed:
             path = self.training_path(n_samples, device, dtype)
             fraction = {"grouped": min(1.0, n_samples * self.n_kept / self.n_blocks), "sparse": fraction}.get(path, 1.0)
-        return router + scores + fraction * 2 * 2 * self.d_model * self.d_hidden
+        return router + scores + fraction * 2 * self.matrices * self.d_model * self.d_hidden
 
 
 def draw_train_samples(module: nn.Module) -> None:

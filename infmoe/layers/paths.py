@@ -1,5 +1,7 @@
-"""∞-MoE's execution paths: y = W_out (m̄ ⊙ GELU(W_in x + b_in)) + b_out, computed one of
+"""∞-MoE's execution paths: y = W_out (m̄ ⊙ h(W_in x + b_in)) + b_out, computed one of
 six ways that give the same y (tests hold each to "masked"). `dispatch.choose_path` picks.
+h is the layer's hidden activation (`layers.activation`): GELU, or for a gated ∞-MoE (glu)
+act(gate) ⊙ up of each block's 2B input rows, whose B units m̄ then scales.
 
 | path    | plan   | computes                                   | for                          |
 |---------|--------|--------------------------------------------|------------------------------|
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from infmoe.layers.base import gelu
+from infmoe.layers.activation import block_rows, hidden, in_rows
 from infmoe.layers.full_width import full_width_ffn
 from infmoe.layers.grouped import grouped_ffn, grouped_ffn_static
 from infmoe.layers.rows import rows_ffn
@@ -30,7 +32,7 @@ from infmoe.layers.rows import rows_ffn
 def run_full(layer, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every unit, with the score map, top-N and gate fused into one Function."""
     return full_width_ffn(x, z, layer.score, layer.w_in, layer.b_in, layer.w_out, layer.b_out, layer.n_kept,
-                          sigmoid=layer.gate == "sigmoid")
+                          sigmoid=layer.gate == "sigmoid", glu=layer.glu_activation)
 
 
 def union(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -60,22 +62,26 @@ def run_selected(path: str, layer, x: torch.Tensor, index: torch.Tensor, gate: t
     if path == "sparse":
         return sparse(layer, x, mask, chosen), chosen
     if path == "rows":
-        return rows_ffn(x, mask, chosen, layer.w_in, layer.b_in, layer.w_out, layer.b_out), chosen
+        y = rows_ffn(x, mask, chosen, layer.w_in, layer.b_in, layer.w_out, layer.b_out,
+                     glu=layer.glu_activation)
+        return y, chosen
     return masked(layer, x, mask), chosen
 
 
 def masked(layer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The reference: the whole large FFN, then the mask m̄ (T, n_blocks)."""
-    h = gelu(F.linear(x, layer.w_in, layer.b_in))
+    h = hidden(F.linear(x, layer.w_in, layer.b_in), layer.block_size, layer.glu_activation)
     # The fp32 mask would promote a bf16 h (under autocast) to a second, fp32 (T, H).
     h = (h.view(-1, layer.n_blocks, layer.block_size) * mask.to(h.dtype).unsqueeze(-1)).flatten(1)
     return h @ layer.w_out + layer.b_out
 
 
 def _block_weights(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w_in as (n_blocks, d, B) (a transposed view), b_in (n_blocks, B), w_out (n_blocks, B, d)."""
+    """w_in as (n_blocks, d, R) (a transposed view), b_in (n_blocks, R), w_out (n_blocks, B,
+    d), for the R = B input rows of a block (2B for the GLU)."""
     g, b, d = layer.n_blocks, layer.block_size, layer.d_model
-    return layer.w_in.view(g, b, d).transpose(1, 2), layer.b_in.view(g, b), layer.w_out.view(g, b, d)
+    r = in_rows(b, layer.glu_activation)
+    return layer.w_in.view(g, r, d).transpose(1, 2), layer.b_in.view(g, r), layer.w_out.view(g, b, d)
 
 
 def sparse(layer, x: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -86,7 +92,9 @@ def sparse(layer, x: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> 
     sorted by block, then token, with no sort."""
     block, token = chosen.T.nonzero(as_tuple=True)
     w_in, b_in, w_out = _block_weights(layer)
-    return grouped_ffn(x, token, chosen.sum(0), mask[token, block], w_in, b_in, w_out) + layer.b_out
+    y = grouped_ffn(x, token, chosen.sum(0), mask[token, block], w_in, b_in, w_out,
+                    glu=layer.glu_activation)
+    return y + layer.b_out
 
 
 def grouped(layer, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -95,7 +103,8 @@ def grouped(layer, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> 
     k, t, n = index.shape
     token = torch.arange(t, device=x.device).view(1, t, 1).expand(k, t, n).reshape(-1)
     w_in, b_in, w_out = _block_weights(layer)
-    return grouped_ffn_static(x, token, index.reshape(-1), gate.reshape(-1), w_in, b_in, w_out) + layer.b_out
+    return grouped_ffn_static(x, token, index.reshape(-1), gate.reshape(-1), w_in, b_in, w_out,
+                              glu=layer.glu_activation) + layer.b_out
 
 
 @torch.no_grad()
@@ -106,9 +115,11 @@ def gather(layer, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> t
     with torch.autocast(x.device.type, enabled=False):
         k, t, n = index.shape
         b = layer.block_size
-        unit = (index.unsqueeze(-1) * b + torch.arange(b, device=x.device)).transpose(0, 1).reshape(t, k * n * b)
         weight = gate.transpose(0, 1).unsqueeze(-1).expand(t, k, n, b).reshape(t, k * n * b)
         x = x.to(layer.w_in.dtype)
-        pre = torch.einsum("tud,td->tu", layer.w_in[unit], x) + layer.b_in[unit]
-        h = gelu(pre) * weight.to(pre.dtype)
+        glu = layer.glu_activation
+        unit = block_rows(index, b).transpose(0, 1).reshape(t, k * n * b)  # w_out's rows, token by token
+        rows = unit if glu is None else block_rows(index, in_rows(b, glu)).transpose(0, 1).reshape(t, -1)
+        pre = torch.einsum("tud,td->tu", layer.w_in[rows], x) + layer.b_in[rows]
+        h = hidden(pre, b, glu) * weight.to(pre.dtype)
         return torch.einsum("tu,tud->td", h, layer.w_out[unit]) + layer.b_out

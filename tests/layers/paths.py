@@ -7,6 +7,9 @@ from infmoe import InfiniteMoE
 
 D, DZ, T = 16, 4, 37  # T prime: per-block token counts divide into nothing convenient
 TOL = {torch.float64: 1e-8, torch.float32: 1e-5}
+# The large FFN of ∞-MoE: today's GELU MLP, and the gated one (SwiGLU by default), as
+# ``@pytest.mark.parametrize("glu", **GLU)``.
+GLU = dict(argvalues=[False, True], ids=["mlp", "glu"])
 
 
 def run(layer: torch.nn.Module, impl: str, x: torch.Tensor, dy: torch.Tensor, **kw) -> dict[str, torch.Tensor]:
@@ -47,9 +50,10 @@ def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False, device="cpu"):
     return x.to(device), dy.to(device), noise.to(device)
 
 
-def assert_mean_mode_with_leading_shapes_match(impl: str, block_size: int) -> None:
-    """`impl` equals the masked reference in mode "mean" on (2, 5, D) inputs, fp64."""
-    layer = infmoe(torch.float64, block_size=block_size, mode="mean")
+def assert_mean_mode_with_leading_shapes_match(impl: str, block_size: int, **kw) -> None:
+    """`impl` equals the masked reference in mode "mean" on (2, 5, D) inputs, fp64; kw: more
+    layer options."""
+    layer = infmoe(torch.float64, block_size=block_size, mode="mean", **kw)
     x = torch.randn(2, 5, D, dtype=torch.float64)
     dy = torch.randn(2, 5, D, dtype=torch.float64)
     assert_same(run(layer, impl, x, dy), run(layer, "masked", x, dy), 1e-8)

@@ -7,7 +7,7 @@ import torch
 
 from infmoe import ConfigError, InfiniteMoE
 from infmoe.layers.dispatch import MAX_GROUPS, PATHS, choose_path, plan_device
-from paths import TOL, assert_same, infmoe, inputs, run
+from paths import GLU, TOL, assert_same, infmoe, inputs, run
 
 
 def rule(layer: InfiniteMoE, plan: str, *, grad=True, tokens=4096, k=1, dtype=torch.float32) -> str:
@@ -79,12 +79,13 @@ def test_the_path_named_is_the_path_that_ran(plan, block_size, k, grad):
     assert layer.aux.path == named and named in PATHS
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("impl", ["full", "sparse"])
-def test_cudas_plan_equals_the_reference_on_any_device(device, dtype, impl, k):
+def test_cudas_plan_equals_the_reference_on_any_device(device, dtype, impl, k, glu):
     """The static plan's paths, forced, against "masked": the same numbers as the host's."""
-    layer = infmoe(dtype, device, block_size=4)
+    layer = infmoe(dtype, device, block_size=4, glu=glu)
     x, dy, noise = inputs(dtype, k, repeat_noise=True, device=device)
     ref = run(layer, "masked", x, dy, noise=noise)
     with plan_device("cuda"):
@@ -93,9 +94,10 @@ def test_cudas_plan_equals_the_reference_on_any_device(device, dtype, impl, k):
     assert_same(fast, ref, TOL[dtype])
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("k", [1, 4])
-def test_static_decoding_gathers_the_references_output(device, k):
-    layer = infmoe(torch.float64, device, block_size=4)
+def test_static_decoding_gathers_the_references_output(device, k, glu):
+    layer = infmoe(torch.float64, device, block_size=4, glu=glu)
     x, _, noise = inputs(torch.float64, k, t=3, device=device)
     with torch.no_grad():
         layer.impl = "masked"
@@ -115,13 +117,14 @@ def test_executed_flops_follow_the_path_of_the_device():
     assert layer.flops_per_token(2, executed=True, device="cuda", dtype=torch.bfloat16) == pytest.approx(full)
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("k", [1, 3])
-def test_static_decoding_reads_nothing_on_the_host(k):
+def test_static_decoding_reads_nothing_on_the_host(k, glu):
     """One decoding step of CUDA's plan: no per-token loop of `nonzero`s as the host's rows
     path has, nothing data-dependent at all; the host plan's rows path is seen reading."""
     from dispatch_count import count_data_dependent_ops
 
-    layer = infmoe(torch.float32, block_size=4, n_samples=k, active_fraction=0.25).eval()  # K · N < 1
+    layer = infmoe(torch.float32, block_size=4, n_samples=k, active_fraction=0.25, glu=glu).eval()  # K N < 1
     x = inputs(torch.float32, k, t=1)[0]
     with torch.no_grad(), plan_device("cuda"):
         assert not count_data_dependent_ops(lambda: layer(x))

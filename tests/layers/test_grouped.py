@@ -2,7 +2,9 @@
 plain autograd reference; the grouped-matmul kernel's contract (`strict_grouped_mm`); the
 1023-groups cap; `torch.compile`.
 
-Rows come unsorted, with groups no row reached (first, last, in the middle). Tolerances:
+Rows come unsorted, with groups no row reached (first, last, in the middle); groups are
+GELU MLPs or gated (`glu`: w1 holds each group's B gate columns, then its B up columns).
+Tolerances:
 float64 1e-10 (the loop runs), float32 1e-5 (torch._grouped_mm runs), bfloat16 against
 float64 arithmetic on the same bf16-rounded inputs, loosely (its sums are kept in fp32).
 """
@@ -25,6 +27,7 @@ NAMES = ("x", "gate", "w1", "b1", "w2")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}
 DTYPES = dict(argvalues=[torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 EMPTY = (0, 3, 6)  # of 7 groups
+GLUS = dict(argvalues=[None, "silu", "gelu"], ids=["gelu-mlp", "swiglu", "geglu"])
 
 
 class Case:
@@ -33,15 +36,16 @@ class Case:
     transposed), b1 (G, B), w2 (G, B, d), and dy (T, d). `empty` (G,): the groups no row
     reached."""
 
-    def __init__(self, *, t=6, d=16, b=8, groups=7, rows=20, empty=EMPTY, transposed=False, seed=0):
+    def __init__(self, *, t=6, d=16, b=8, groups=7, rows=20, empty=EMPTY, transposed=False, seed=0, glu=None):
         g = torch.Generator().manual_seed(seed)
         used = torch.tensor([i for i in range(groups) if i not in empty])
         self.group = used[torch.randint(len(used), (rows,), generator=g)]
         self.token = torch.randint(t, (rows,), generator=g)
         self.empty = torch.bincount(self.group, minlength=groups) == 0
-        self.transposed = transposed
-        w1_shape = (groups, b, d) if transposed else (groups, d, b)
-        shapes = [(t, d), (rows,), w1_shape, (groups, b), (groups, b, d)]
+        self.transposed, self.glu = transposed, glu
+        r = b if glu is None else 2 * b  # w1's columns per group
+        w1_shape = (groups, r, d) if transposed else (groups, d, r)
+        shapes = [(t, d), (rows,), w1_shape, (groups, r), (groups, b, d)]
         scale = [1, 1, d**-0.5, 1, b**-0.5]
         self.values = [torch.randn(*s, generator=g, dtype=torch.float64) * c for s, c in zip(shapes, scale)]
         self.dy = torch.randn(t, d, generator=g, dtype=torch.float64)
@@ -57,22 +61,26 @@ class Case:
         leaves = [v.to(dtype, copy=True).requires_grad_() for v in self.values]
         x, gate, w1, b1, w2 = leaves
         w1 = w1.transpose(1, 2) if self.transposed else w1
-        y = ffn(x, self.token, self.group, gate, w1, b1, w2, **kw)
+        y = ffn(x, self.token, self.group, gate, w1, b1, w2, glu=self.glu, **kw)
         y.backward(self.dy.to(y.dtype))
         return {"y": y.detach()} | {f"d{n}": p.grad for n, p in zip(NAMES, leaves)}
 
 
-def host(x, token, group, gate, w1, b1, w2):
+def host(x, token, group, gate, w1, b1, w2, glu=None):
     """`grouped_ffn` on the same rows: sorted by group, counted on the host."""
     order = group.argsort(stable=True)
     counts = torch.bincount(group, minlength=w1.shape[0])
-    return grouped_ffn(x, token[order], counts, gate[order], w1, b1, w2)
+    return grouped_ffn(x, token[order], counts, gate[order], w1, b1, w2, glu=glu)
 
 
-def reference(x, token, group, gate, w1, b1, w2):
-    """The definition, with autograd: Σ over rows of gate · GELU(x[token] @ w1[group] + b1) @ w2."""
+def reference(x, token, group, gate, w1, b1, w2, glu=None):
+    """The definition, with autograd: Σ over rows of gate · GELU(x[token] @ w1[group] + b1) @ w2,
+    or gated: act(a[:, :B]) ⊙ a[:, B:] in GELU's place."""
     a = torch.einsum("rd,rdb->rb", x[token], w1[group]) + b1[group]
-    rows = torch.einsum("rb,rbd->rd", gate[:, None] * F.gelu(a, approximate="tanh"), w2[group])
+    b = w2.shape[1]
+    h = F.gelu(a, approximate="tanh") if glu is None else {
+        "silu": F.silu(a[:, :b]), "gelu": F.gelu(a[:, :b], approximate="tanh")}[glu] * a[:, b:]
+    rows = torch.einsum("rb,rbd->rd", gate[:, None] * h, w2[group])
     return torch.zeros_like(x).index_add(0, token, rows)
 
 
@@ -89,10 +97,11 @@ def assert_empty_groups_exactly_zero(grads: dict, empty: torch.Tensor) -> None:
         assert (grad[~empty].flatten(1).abs().sum(1) > 0).all(), name
 
 
+@pytest.mark.parametrize("glu", **GLUS)
 @pytest.mark.parametrize("transposed", [False, True], ids=["w1", "w1-transposed"])
 @pytest.mark.parametrize("dtype", **DTYPES)
-def test_static_equals_host_and_reference(dtype, transposed):
-    case = Case(transposed=transposed).round_to(dtype)
+def test_static_equals_host_and_reference(dtype, transposed, glu):
+    case = Case(transposed=transposed, glu=glu).round_to(dtype)
     assert case.empty.nonzero().flatten().tolist() == list(EMPTY)
     static = case.run(grouped_ffn_static, dtype)
     assert_close(static, case.run(reference, torch.float64), TOL[dtype])
@@ -112,12 +121,13 @@ def nan_for_empty_groups(a, b, offs):
     return out
 
 
+@pytest.mark.parametrize("glu", [None, "silu"], ids=["gelu-mlp", "swiglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("ffn", [grouped_ffn_static, host], ids=["static", "host"])
-def test_empty_groups_get_exact_zeros_whatever_the_kernel_leaves(ffn, dtype):
+def test_empty_groups_get_exact_zeros_whatever_the_kernel_leaves(ffn, dtype, glu):
     nan_for_empty_groups.calls = 0
     with grouped_mm_contract(nan_for_empty_groups):
-        grads = Case(transposed=True).run(ffn, dtype)
+        grads = Case(transposed=True, glu=glu).run(ffn, dtype)
     assert nan_for_empty_groups.calls == 2  # dw1 and dw2 came back with NaNs for the empty groups
     assert_empty_groups_exactly_zero(grads, Case().empty)  # without the zeroing: NaN
 
@@ -192,9 +202,10 @@ def test_strict_stand_in_computes_the_op_and_reads_no_values():
     assert strict_grouped_mm(left, right, offs).shape == (3, 8, 16)
 
 
+@pytest.mark.parametrize("glu", **GLUS)
 @pytest.mark.parametrize("transposed", [False, True], ids=["w1", "w1-transposed"])
-def test_static_keeps_the_kernels_contract_in_bf16(transposed):
-    case = Case(transposed=transposed)
+def test_static_keeps_the_kernels_contract_in_bf16(transposed, glu):
+    case = Case(transposed=transposed, glu=glu)
     free = case.run(grouped_ffn_static, torch.bfloat16)
     with grouped_mm_contract():
         strict = case.run(grouped_ffn_static, torch.bfloat16)
@@ -209,11 +220,12 @@ def test_static_under_bf16_autocast_runs_in_bf16_with_fp32_gradients():
     assert_close(fast, case.round_to(torch.bfloat16).run(reference, torch.float64), TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("glu", [None, "silu"], ids=["gelu-mlp", "swiglu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_static_compiles_whole_forward_and_backward(dtype):
+def test_static_compiles_whole_forward_and_backward(dtype, glu):
     """fullgraph: no graph break. float32 runs the opaque op (torch's fake kernel of
     _grouped_mm takes bf16 only), bfloat16 torch._grouped_mm itself."""
-    case = Case(transposed=True)
+    case = Case(transposed=True, glu=glu)
     compiled = torch.compile(grouped_ffn_static, backend="aot_eager", fullgraph=True)
     assert_close(case.run(compiled, dtype), case.run(grouped_ffn_static, dtype), 0)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infmoe import ConfigError, DenseMLP, InfiniteMoE, sampling
+import infmoe
+from infmoe import GLU, ConfigError, DenseMLP, InfiniteMoE, sampling
 from infmoe.layers.adaptive import adaptive_select
 
 D, H, DZ = 8, 24, 4
@@ -15,6 +16,19 @@ def make(**kw) -> InfiniteMoE:
     torch.manual_seed(0)
     opts = dict(d_z=DZ) | kw
     return InfiniteMoE(opts.pop("d_model", D), opts.pop("d_hidden", H), **opts).double()
+
+
+def hidden_units(layer: InfiniteMoE, x: torch.Tensor) -> torch.Tensor:
+    """x (d,) → the H hidden units before the mask, unit by unit: GELU(w_in[u] · x + b_in[u]);
+    for the GLU, unit j of block b reads w_in's rows 2Bb + j (gate) and 2Bb + B + j (up)."""
+    if not layer.glu:
+        return F.gelu(layer.w_in @ x + layer.b_in, approximate="tanh")
+    act = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="tanh")}[layer.activation]
+    b = layer.block_size
+    gate_row = [2 * b * (u // b) + u % b for u in range(layer.d_hidden)]
+    up_row = [r + b for r in gate_row]
+    pre = layer.w_in @ x + layer.b_in
+    return act(pre[gate_row]) * pre[up_row]
 
 
 def reference(layer: InfiniteMoE, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -38,8 +52,7 @@ def reference(layer: InfiniteMoE, x: torch.Tensor, noise: torch.Tensor) -> torch
             for b, gate in zip(kept, gates):
                 for u in range(b * layer.block_size, (b + 1) * layer.block_size):
                     unit_weight[u] += gate / k_samples
-        h = F.gelu(layer.w_in @ x[t] + layer.b_in, approximate="tanh")
-        out[t] = layer.w_out.T @ (unit_weight * h) + layer.b_out
+        out[t] = layer.w_out.T @ (unit_weight * hidden_units(layer, x[t])) + layer.b_out
     return out
 
 
@@ -75,12 +88,18 @@ def test_k_sample_output_is_mean_of_one_sample_outputs_with_same_noise():
     torch.testing.assert_close(together, separate, rtol=0, atol=1e-12)
 
 
+# The large FFN: the paper's GELU MLP (the default), SwiGLU, GEGLU.
+FFN_OPTIONS = dict(argvalues=[{}, dict(glu=True), dict(glu=True, activation="gelu")],
+                   ids=["mlp", "swiglu", "geglu"])
+
+
+@pytest.mark.parametrize("options", **FFN_OPTIONS)
 @pytest.mark.parametrize("impl", ["sparse", "masked"])
 @pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
 @pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("k", [1, 3])
-def test_matches_slow_per_unit_reference(block_size, k, gate, impl):
-    layer = make(block_size=block_size, gate=gate, impl=impl)
+def test_matches_slow_per_unit_reference(block_size, k, gate, impl, options):
+    layer = make(block_size=block_size, gate=gate, impl=impl, **options)
     assert layer.uses_sparse(k) == (impl == "sparse")
     x = torch.randn(6, D, dtype=torch.float64)
     noise = torch.randn(k, 6, DZ, dtype=torch.float64)
@@ -99,6 +118,72 @@ def test_constant_gate_reference_and_full_fraction_equals_dense_mlp_of_width_h()
     torch.testing.assert_close(layer(x), dense(x), rtol=0, atol=1e-12)
     noise = torch.randn(2, 4, DZ, dtype=torch.float64)
     torch.testing.assert_close(layer(x[0, :4], noise), reference(layer, x[0, :4], noise), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_glu_with_every_block_kept_and_a_constant_gate_is_the_dense_glu_of_width_h(activation):
+    """The layout, checked against `GLU` (gate rows, then up rows, over all of H): block b's
+    2B rows of w_in are its B gate rows, then its B up rows."""
+    layer = make(active_fraction=1.0, gate="constant", block_size=4, glu=True, activation=activation)
+    dense = GLU(D, H, activation=activation).double()
+    with torch.no_grad():  # the init leaves the biases zero, which would hide their layout
+        layer.b_in.normal_(0.0, 0.5)
+    rows = layer.w_in.view(layer.n_blocks, 2, 4, D)  # (block, gate/up, unit, d)
+    biases = layer.b_in.view(layer.n_blocks, 2, 4)
+    with torch.no_grad():
+        dense.c_fc.weight.copy_(torch.cat([rows[:, 0].reshape(H, D), rows[:, 1].reshape(H, D)]))
+        dense.c_fc.bias.copy_(torch.cat([biases[:, 0].flatten(), biases[:, 1].flatten()]))
+        dense.c_proj.weight.copy_(layer.w_out.T)
+        dense.c_proj.bias.copy_(layer.b_out)
+    x = torch.randn(3, 5, D, dtype=torch.float64)
+    for impl in ("masked", "full", "sparse"):
+        layer.impl = impl
+        torch.testing.assert_close(layer(x), dense(x), rtol=0, atol=1e-12, msg=impl)
+
+
+@pytest.mark.parametrize("options", **FFN_OPTIONS)
+def test_active_parameters_and_flops_count_a_built_layers_parameters(options):
+    """Exact accounting: with every block kept a token touches every parameter; at N a
+    unit costs its rows of w_in and w_out and their biases, 2 d + 1 numbers (3 d + 2 for
+    the GLU), and its matrices 2 · (2 or 3) · d FLOPs."""
+    whole = make(active_fraction=1.0, block_size=4, **options)
+    assert whole.active_parameters() == sum(p.numel() for p in whole.parameters())
+    layer = make(block_size=4, **options)  # 6 blocks, 3 kept
+    unit = (layer.w_in.numel() + layer.b_in.numel() + layer.w_out.numel()) / H
+    assert unit == (3 * D + 2 if layer.glu else 2 * D + 1)
+    rest = sum(p.numel() for p in layer.parameters()) - H * unit
+    assert layer.active_parameters() == rest + 0.5 * H * unit
+    assert layer.active_parameters(2) == pytest.approx(rest + 0.75 * H * unit)  # the union bound
+    router, scores = 2 * D * 2 * DZ, 2 * DZ * 6
+    matrices = 3 if layer.glu else 2
+    assert layer.flops_per_token(1) == router + scores + 0.5 * 2 * matrices * D * H
+    union = router + 2 * scores + 0.6 * 2 * matrices * D * H
+    assert layer.flops_per_token(2, union=0.6) == pytest.approx(union)
+
+
+def test_default_tiny_infmoe_layer_is_todays_layer():
+    """Defaults unchanged: the named config's layer keeps today's parameters (names and
+    shapes) and computes today's formula, y = W_out (m̄ ⊙ GELU(W_in x + b_in)) + b_out,
+    written out here without the library's paths."""
+    torch.manual_seed(0)
+    layer = infmoe.build_model("tiny-infmoe", n_layer=1).ffn_layers()[0].double()
+    d, h = layer.d_model, layer.d_hidden
+    assert (layer.glu, layer.activation, layer.glu_activation) == (False, "gelu", None)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"router.weight": (2 * layer.d_z, d), "router.bias": (2 * layer.d_z,),
+                      "score.weight": (layer.n_blocks, layer.d_z), "score.bias": (layer.n_blocks,),
+                      "w_in": (h, d), "b_in": (h,), "w_out": (h, d), "b_out": (d,)}
+    x = torch.randn(9, d, dtype=torch.float64)
+    noise = torch.randn(1, 9, layer.d_z, dtype=torch.float64)
+    mu, sigma = layer.router_distribution(x)
+    scores = layer.score(mu + sigma * noise[0])
+    top = scores.topk(layer.n_kept, dim=-1)
+    mask = torch.zeros_like(scores).scatter(1, top.indices, torch.sigmoid(top.values))
+    hidden = F.gelu(x @ layer.w_in.T + layer.b_in, approximate="tanh")
+    expected = (mask.repeat_interleave(layer.block_size, 1) * hidden) @ layer.w_out + layer.b_out
+    for impl in ("auto", "masked", "full", "sparse"):
+        layer.impl = impl
+        torch.testing.assert_close(layer(x, noise), expected, rtol=0, atol=1e-12, msg=impl)
 
 
 def test_gradients_reach_mu_sigma_and_score_map():
@@ -311,6 +396,9 @@ def test_any_leading_shape():
         (dict(sigma_min=-1.0), "sigma_min"),
         (dict(kl_weight=-1.0), "kl_weight"),
         (dict(impl="fast"), "impl"),
+        (dict(glu="yes"), "glu"),
+        (dict(activation="silu"), "activation"),  # the MLP is GELU's
+        (dict(glu=True, activation="relu"), "activation"),
     ],
 )
 def test_bad_options_raise_one_clear_error_at_construction(kwargs, field):
@@ -454,8 +542,9 @@ def test_adaptive_keep_draws_while_samples_still_grow_the_union():
     assert layer.adaptive_keep(index[:1]).tolist() == [[True, True, True]]  # K = 1: one sample each
 
 
-def test_adaptive_mode_averages_each_tokens_own_k_on_every_path():
-    layer = make(block_size=2, n_samples=6, sigma_min=0.3)  # noise wide enough to move masks
+@pytest.mark.parametrize("options", **FFN_OPTIONS)
+def test_adaptive_mode_averages_each_tokens_own_k_on_every_path(options):
+    layer = make(block_size=2, n_samples=6, sigma_min=0.3, **options)  # noise wide enough to move masks
     x = torch.randn(30, D, dtype=torch.float64)
     noise = torch.randn(6, 30, DZ, dtype=torch.float64)
     keep = layer.adaptive_keep(layer.select(x, noise).index)
@@ -493,3 +582,14 @@ def test_adaptive_mode_settles_at_one_samples_blocks_when_samples_agree():
     layer(x)
     assert layer.aux.stats["samples_used"].item() > 4
     assert layer.aux.stats["union_fraction"].item() > 0.9
+
+
+def test_upcycling_refuses_a_gated_infmoe():
+    """A dense GELU MLP's rows are not a GLU's gate and up rows: no silent nonsense."""
+    from infmoe.hf import upcycle_to_infmoe
+    from infmoe.models import GPT, GPTConfig
+
+    dense = GPT(GPTConfig(vocab_size=50, n_ctx=8, n_layer=1, n_head=2, d_model=16))
+    with pytest.raises(ConfigError) as err:
+        upcycle_to_infmoe(dense, d_z=4, glu=True)
+    assert str(err.value).startswith("glu=True") and "\n" not in str(err.value)

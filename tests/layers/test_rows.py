@@ -1,11 +1,11 @@
-"""The decoding path (`infmoe.layers.rows`) equals the masked reference, and is refused
-where gradients are needed."""
+"""The decoding path (`infmoe.layers.rows`) equals the masked reference, for the GELU MLP
+and the gated FFN, and is refused where gradients are needed."""
 
 import pytest
 import torch
 
 from infmoe import ConfigError
-from paths import D, TOL, infmoe, inputs
+from paths import D, GLU, TOL, infmoe, inputs
 
 
 def forward(layer, impl, x, **kw):
@@ -14,13 +14,14 @@ def forward(layer, impl, x, **kw):
         return layer(x, **kw)
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
 @pytest.mark.parametrize("k", [1, 4])
 @pytest.mark.parametrize("block_size", [1, 4])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_rows_equal_masked(dtype, gate, k, block_size, tokens):
-    layer = infmoe(dtype, block_size=block_size, gate=gate)
+def test_rows_equal_masked(dtype, gate, k, block_size, tokens, glu):
+    layer = infmoe(dtype, block_size=block_size, gate=gate, glu=glu)
     x, _, noise = inputs(dtype, k, t=tokens)
     ref = forward(layer, "masked", x, noise=noise)
     stats = dict(layer.aux.stats)
@@ -29,14 +30,16 @@ def test_rows_equal_masked(dtype, gate, k, block_size, tokens):
     torch.testing.assert_close(layer.aux.stats["block_usage"], stats["block_usage"])
 
 
-def test_rows_in_mean_mode_with_leading_shapes():
-    layer = infmoe(torch.float64, block_size=1, mode="mean")
+@pytest.mark.parametrize("glu", **GLU)
+def test_rows_in_mean_mode_with_leading_shapes(glu):
+    layer = infmoe(torch.float64, block_size=1, mode="mean", glu=glu)
     x = torch.randn(1, 1, D, dtype=torch.float64)
     torch.testing.assert_close(forward(layer, "rows", x), forward(layer, "masked", x), rtol=1e-10, atol=1e-10)
 
 
-def test_rows_under_bf16_autocast_run_in_the_weights_dtype():
-    layer = infmoe(torch.float32, block_size=1)
+@pytest.mark.parametrize("glu", **GLU)
+def test_rows_under_bf16_autocast_run_in_the_weights_dtype(glu):
+    layer = infmoe(torch.float32, block_size=1, glu=glu)
     x, _, noise = inputs(torch.float32, 2, t=1)
     ref = forward(layer, "masked", x, noise=noise)
     with torch.autocast("cpu", dtype=torch.bfloat16):

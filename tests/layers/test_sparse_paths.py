@@ -1,4 +1,5 @@
-"""The fast paths equal the reference paths: ∞-MoE sparse vs masked, top-k grouped vs loop.
+"""The fast paths equal the reference paths: ∞-MoE sparse vs masked (its GELU MLP and its
+gated FFN), top-k grouped vs loop.
 
 Outputs, the input gradient and every parameter gradient, in float64 (tolerance 1e-8, where
 the grouped matmul runs as its loop fallback) and float32 (1e-5, where d and B are multiples
@@ -14,7 +15,7 @@ from infmoe import ConfigError, InfiniteMoE, TopKMoE
 from infmoe.layers import grouped
 from infmoe.layers.dispatch import plan_device
 from infmoe.layers.grouped import GroupedFFN, grouped_mm_loop, grouped_mm, plan_chunks
-from paths import D, DZ, TOL, assert_mean_mode_with_leading_shapes_match, assert_same, infmoe, inputs, run
+from paths import D, DZ, GLU, TOL, assert_mean_mode_with_leading_shapes_match, assert_same, infmoe, inputs, run
 
 @pytest.fixture(params=[None, 1, 40 * D * 4], ids=["default-chunks", "chunk-per-block", "few-blocks-per-chunk"])
 def chunking(request, monkeypatch):
@@ -24,21 +25,23 @@ def chunking(request, monkeypatch):
         monkeypatch.setattr(grouped, "CHUNK_BYTES", request.param)
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("block_size", [4, 3, 8])
-def test_infmoe_sparse_equals_masked(dtype, gate, k, block_size, chunking):
-    layer = infmoe(dtype, block_size=block_size, gate=gate)
+def test_infmoe_sparse_equals_masked(dtype, gate, k, block_size, glu, chunking):
+    layer = infmoe(dtype, block_size=block_size, gate=gate, glu=glu)
     x, dy, noise = inputs(dtype, k, repeat_noise=k > 1)
     ref = run(layer, "masked", x, dy, noise=noise)
     assert_same(run(layer, "sparse", x, dy, noise=noise), ref, TOL[dtype])
     assert (gate == "constant") == ("grad router.weight" not in ref)  # gates carry the router's gradient
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_infmoe_blocks_no_token_chose_and_a_single_token(dtype):
-    layer = infmoe(dtype, block_size=4, active_fraction=0.1)  # 12 blocks, 2 kept per sample
+def test_infmoe_blocks_no_token_chose_and_a_single_token(dtype, glu):
+    layer = infmoe(dtype, block_size=4, active_fraction=0.1, glu=glu)  # 12 blocks, 2 kept per sample
     for t in (3, 1):
         x, dy, noise = inputs(dtype, 2, t=t)
         ref = run(layer, "masked", x, dy, noise=noise)
@@ -56,8 +59,9 @@ def test_infmoe_later_samples_selecting_nothing_new_cost_nothing():
     assert_same(run(layer, "sparse", x, dy, noise=noise[:1].expand(4, -1, -1)), ref, 1e-8)
 
 
-def test_infmoe_mean_mode_and_leading_shapes():
-    assert_mean_mode_with_leading_shapes_match("sparse", block_size=4)
+@pytest.mark.parametrize("glu", **GLU)
+def test_infmoe_mean_mode_and_leading_shapes(glu):
+    assert_mean_mode_with_leading_shapes_match("sparse", block_size=4, glu=glu)
 
 
 def test_infmoe_auto_rule():
@@ -71,10 +75,14 @@ def test_infmoe_auto_rule():
     assert not auto(32) and auto(32, active_fraction=0.25)  # u = 0.25: 0.25 (1.05 + 1.16) <= 1
     assert auto(64, n_samples=8, mode="mean")  # one mask whatever K is
     assert auto(16, impl="sparse") and not auto(256, impl="masked")
+    # a GLU block: 3/2 the work for the same per-row overhead, u (1.05 + 37 / (1.5 B))
+    assert not auto(32) and auto(32, glu=True)  # 0.5 (1.05 + 0.77) <= 1
+    assert [auto(b, glu=True) for b in (16, 32)] == [False, True]
 
 
-def test_infmoe_sparse_under_cpu_autocast_runs_in_bf16_with_fp32_gradients():
-    layer = infmoe(torch.float32, block_size=8)
+@pytest.mark.parametrize("glu", **GLU)
+def test_infmoe_sparse_under_cpu_autocast_runs_in_bf16_with_fp32_gradients(glu):
+    layer = infmoe(torch.float32, block_size=8, glu=glu)
     x, dy, noise = inputs(torch.float32, 2)
     ref = run(layer, "masked", x, dy, noise=noise)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -120,7 +128,8 @@ def test_bad_impl_is_one_clear_error(cls, options):
     assert str(err.value).startswith("impl=") and "\n" not in str(err.value)
 
 
-def test_float32_runs_torch_grouped_mm_itself(monkeypatch):
+@pytest.mark.parametrize("glu", **GLU)
+def test_float32_runs_torch_grouped_mm_itself(glu, monkeypatch):
     calls = []
 
     def counting(*args, **kwargs):
@@ -130,7 +139,7 @@ def test_float32_runs_torch_grouped_mm_itself(monkeypatch):
     torch_grouped_mm = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", counting)
     x, dy, noise = inputs(torch.float32, 2)
-    run(infmoe(torch.float32, block_size=4), "sparse", x, dy, noise=noise)
+    run(infmoe(torch.float32, block_size=4, glu=glu), "sparse", x, dy, noise=noise)
     assert len(calls) == 6  # one chunk: 2 forward, 4 backward
     run(TopKMoE(D, 32, n_experts=4), "grouped", x, dy)
     assert len(calls) == 12
@@ -182,19 +191,22 @@ def test_grouped_ffn_gives_groups_without_rows_exactly_zero_gradients(
         assert (grad[~empty].flatten(1).abs().sum(1) > 0).all(), name
 
 
+@pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("dtype", **PATHS)
-def test_infmoe_blocks_no_token_chose_get_exactly_zero_gradients(dtype, chunking, monkeypatch):
+def test_infmoe_blocks_no_token_chose_get_exactly_zero_gradients(dtype, glu, chunking, monkeypatch):
     calls = count_grouped_mm(monkeypatch)
-    layer = infmoe(dtype, block_size=4, active_fraction=0.1)  # 12 blocks, 2 kept per sample
+    layer = infmoe(dtype, block_size=4, active_fraction=0.1, glu=glu)  # 12 blocks, 2 kept per sample
     x, dy, noise = inputs(dtype, 1, t=3)
     grads = run(layer, "sparse", x, dy, noise=noise)
     assert bool(calls) == (dtype == torch.float32)
-    unused = (layer.aux.stats["block_usage"] == 0).repeat_interleave(4)  # per hidden unit
-    assert 0 < unused.sum() < len(unused)
+    unused_block = layer.aux.stats["block_usage"] == 0
+    assert 0 < unused_block.sum() < len(unused_block)
     for name in ("grad w_in", "grad b_in", "grad w_out"):
         grad = grads[name]
+        rows = len(grad) // layer.n_blocks  # of each block: 4, or the GLU's w_in 8
+        unused = unused_block.repeat_interleave(rows)
         assert torch.equal(grad[unused], torch.zeros_like(grad[unused])), name
-        assert (grad[~unused].reshape(-1, 4, *grad.shape[1:]).flatten(1).abs().sum(1) > 0).all(), name
+        assert (grad[~unused].reshape(-1, rows, *grad.shape[1:]).flatten(1).abs().sum(1) > 0).all(), name
 
 
 @pytest.mark.parametrize("plan", **PLANS)
@@ -255,11 +267,13 @@ def test_chunks_hold_whole_groups_within_the_budget():
     assert chunks[0].local_group.tolist() == [0, 0] and chunks[0].offs.tolist() == [2, 2]
 
 
+@pytest.mark.parametrize("glu", [None, "silu", "gelu"], ids=["gelu-mlp", "swiglu", "geglu"])
 @pytest.mark.parametrize("chunk_rows", [1, 4, None])
 @pytest.mark.parametrize("transposed_w1", [False, True])
-def test_grouped_ffn_backward_passes_gradcheck(transposed_w1, chunk_rows):
+def test_grouped_ffn_backward_passes_gradcheck(transposed_w1, chunk_rows, glu):
     g = torch.Generator().manual_seed(0)
     t, d, b, groups = 5, 3, 2, 3
+    r = b if glu is None else 2 * b  # rows of w1 per group: a GLU's gate and up rows
     token = torch.tensor([0, 2, 4, 1, 2, 3, 4, 0])
     counts = torch.tensor([3, 0, 5])
     chunks = plan_chunks(token, counts, row_bytes=1, max_bytes=chunk_rows)
@@ -268,6 +282,6 @@ def test_grouped_ffn_backward_passes_gradcheck(transposed_w1, chunk_rows):
     def param(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
-    w1 = param(groups, b, d).transpose(1, 2) if transposed_w1 else param(groups, d, b)
-    args = (param(t, d), param(len(token)), w1, param(groups, b), param(groups, b, d))
-    assert torch.autograd.gradcheck(lambda *a: GroupedFFN.apply(*a, chunks), args)
+    w1 = param(groups, r, d).transpose(1, 2) if transposed_w1 else param(groups, d, r)
+    args = (param(t, d), param(len(token)), w1, param(groups, r), param(groups, b, d))
+    assert torch.autograd.gradcheck(lambda *a: GroupedFFN.apply(*a, chunks, glu), args)

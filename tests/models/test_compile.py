@@ -34,6 +34,8 @@ CASES = {
     "infmoe-constant-gate-kl": ("tiny-infmoe", dict(gate="constant", kl_weight=0.1, kl_free=0.5)),
     "infmoe-mixture": ("tiny-infmoe", dict(n_components=3, n_samples=2, mu_norm=True)),
     "infmoe-train-samples": ("tiny-infmoe", dict(train_samples=[1, 2, 4], sigma_min=0.3)),
+    "infmoe-glu-B64-K2": ("tiny-infmoe", dict(d_hidden=1024, block_size=64, n_samples=2, active_fraction=0.25,
+                                              glu=True)),  # gated: grouped on CUDA's plan
 }
 
 
