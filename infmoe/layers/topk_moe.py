@@ -1,15 +1,18 @@
 """Conventional top-k mixture of experts, the baseline ∞-MoE is compared against.
 
-E experts, each a GPT-2 MLP of width d_hidden_total / E, stored as stacked tensors. A linear
-router scores the experts; each token goes to its top-k, weighted by the softmax of the
-router logits renormalised over those k (times ``routed_scale``). Switch load balancing
-and router z-loss are the auxiliary losses. Dropless unless a capacity factor is given.
+E routed experts, each a feed-forward net of width B = d_hidden / (E + S), stored as
+stacked tensors: GPT-2's GELU MLP, or a GLU (Mixtral's SwiGLU experts). A linear router
+scores the routed experts; each token goes to its top-k, weighted by the softmax of the
+router logits renormalised over those k (times ``routed_scale``). S shared experts
+(DeepSeekMoE), of the same kind and width, take every token, unweighted. Switch load
+balancing and router z-loss are the auxiliary losses. Dropless unless a capacity factor is
+given.
 
 The (token, expert) assignments are sorted by expert; option ``impl`` picks how the experts
 then run: "grouped" (default) as grouped matmuls over the sorted assignments with a custom
 backward (`infmoe.layers.grouped`, shared with ∞-MoE's sparse path), "loop" as one pair of
 matmuls per expert in a Python loop with autograd (the reference). Same result, same aux
-losses.
+losses. The shared experts are one dense FFN of width S · B on both.
 
 "grouped" follows the plan of its device (`infmoe.layers.dispatch`). On the host plan
 (eager CPU) the kept assignments are counted on the host and only they are computed. On the
@@ -26,9 +29,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from infmoe.errors import choose, divisor, invalid, positive_int, real
-from infmoe.layers.base import FFNAux, FFNLayer, at_least_fp32, gelu, init_normal_, routing_linear
+from infmoe.errors import choose, flag, invalid, positive_int, real
+from infmoe.layers.activation import hidden, in_rows
+from infmoe.layers.base import FFNAux, FFNLayer, at_least_fp32, init_normal_, routing_linear
 from infmoe.layers.dispatch import planned_device, static_plan
+from infmoe.layers.glu import ACTIVATIONS
 from infmoe.layers.grouped import grouped_ffn, grouped_ffn_static
 
 IMPLS = ("grouped", "loop")
@@ -52,9 +57,13 @@ class TopKMoE(FFNLayer):
 
     Args:
         d_model: model width d.
-        d_hidden: total hidden width over all experts; each expert has d_hidden / n_experts.
-        n_experts: E.
-        top_k: experts per token, 1 <= k <= E.
+        d_hidden: total hidden width over all experts, routed and shared; each expert has
+            B = d_hidden / (n_experts + shared_experts) hidden units. So the total
+            parameters are set by d_hidden alone, as for a dense FFN of that width, and the
+            active ones by (top_k + shared_experts) · B: with d_hidden = 2 H_dense, as the
+            ∞-MoE configs have, equal active width means top_k + S = (E + S) / 2.
+        n_experts: E, the routed experts (the router's outputs).
+        top_k: routed experts per token, 1 <= k <= E.
         capacity_factor: None for dropless; else each expert takes at most
             ceil(capacity_factor · T · k / E) of the T·k assignments, in token order, and
             drops the rest (a dropped assignment contributes zero; on the static plan it is
@@ -67,6 +76,20 @@ class TopKMoE(FFNLayer):
             factor). The renormalised weights sum to 1, so k narrow experts start out with
             a far smaller output than one wide MLP; ``routed_scale=top_k`` gives fine-grained
             experts about a dense MLP's output scale at initialisation.
+        glu: the experts are gated FFNs W_out(act(W_gate x + b_gate) ⊙ (W_up x + b_up)) + b_out
+            (`layers.glu`; with SiLU, Mixtral's experts), w_in (E, d, 2B) holding each
+            expert's B gate columns, then its B up columns (`layers.activation`); False
+            (default): GPT-2's GELU MLP, w_in (E, d, B). Three matrices instead of two: at
+            the parameters of a GELU MoE, d_hidden is 2/3 of its (tiny: 8 experts of 128,
+            d_hidden 1024, against tiny-moe's 1536). The same option as `InfiniteMoE`'s.
+        activation: the GLU gate's activation, "silu" (SwiGLU, the default with glu) or
+            "gelu" (GEGLU, GPT-2's tanh form). The MLP experts are GELU only (None or
+            "gelu"), as `DenseMLP` and ∞-MoE's MLP are.
+        shared_experts: S >= 0 experts every token uses (DeepSeekMoE), beside the routed
+            ones: same kind and width B, added to the routed output unweighted by the
+            router and outside the balance loss. Stored as one dense FFN of width S · B
+            (shared_in, shared_out: their sum is exactly that FFN, as in DeepSeek's code),
+            whose rows are the S experts' in order, with one output bias for all S.
     """
 
     def __init__(
@@ -81,13 +104,28 @@ class TopKMoE(FFNLayer):
         z_loss_weight: float = 0.001,
         impl: str = "grouped",
         routed_scale: float = 1.0,
+        glu: bool = False,
+        activation: str | None = None,
+        shared_experts: int = 0,
     ) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
-        self.n_experts = divisor("n_experts", n_experts, d_hidden, "d_hidden")
+        if type(shared_experts) is not int or shared_experts < 0:  # bools excluded
+            raise invalid("shared_experts", shared_experts, "must be an integer >= 0")
+        self.shared_experts = shared_experts
+        self.n_experts = positive_int("n_experts", n_experts)
+        if d_hidden % (n_experts + shared_experts):
+            raise invalid("n_experts", n_experts,
+                          f"n_experts + shared_experts ({shared_experts}) must divide d_hidden={d_hidden}")
         self.top_k = positive_int("top_k", top_k)
         if top_k > n_experts:
             raise invalid("top_k", top_k, f"must be <= n_experts={n_experts}")
-        self.d_expert = d_hidden // n_experts
+        self.d_expert = d_hidden // (n_experts + shared_experts)
+        self.glu = flag("glu", glu)
+        if not glu and activation not in (None, "gelu"):
+            raise invalid("activation", activation,
+                          "the MLP experts are GELU only ('gelu'); 'silu' needs glu=true")
+        default = "silu" if glu else "gelu"
+        self.activation = choose("activation", default if activation is None else activation, ACTIVATIONS)
         self.capacity_factor = capacity_factor
         if capacity_factor is not None:
             self.capacity_factor = real("capacity_factor", capacity_factor, low=0, open_low=True)
@@ -97,18 +135,33 @@ class TopKMoE(FFNLayer):
         self.routed_scale = real("routed_scale", routed_scale, low=0, open_low=True)
 
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, self.d_expert))
-        self.b_in = nn.Parameter(torch.empty(n_experts, self.d_expert))
+        rows = in_rows(self.d_expert, self.glu_activation)
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, rows))
+        self.b_in = nn.Parameter(torch.empty(n_experts, rows))
         self.w_out = nn.Parameter(torch.empty(n_experts, self.d_expert, d_model))
         self.b_out = nn.Parameter(torch.empty(n_experts, d_model))
+        if shared_experts:
+            self.shared_in = nn.Linear(d_model, shared_experts * rows)
+            self.shared_out = nn.Linear(shared_experts * self.d_expert, d_model)
         self.reset_parameters()
 
+    @property
+    def glu_activation(self) -> str | None:
+        """The GLU gate's activation, None for MLP experts: what `layers.activation` takes."""
+        return self.activation if self.glu else None
+
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
+        out_std = std if out_std is None else out_std
         init_normal_(self.router.weight, std)
         init_normal_(self.w_in, std)
-        init_normal_(self.w_out, std if out_std is None else out_std)
+        init_normal_(self.w_out, out_std)
         nn.init.zeros_(self.b_in)
         nn.init.zeros_(self.b_out)
+        if self.shared_experts:
+            init_normal_(self.shared_in.weight, std)
+            init_normal_(self.shared_out.weight, out_std)
+            nn.init.zeros_(self.shared_in.bias)
+            nn.init.zeros_(self.shared_out.bias)
 
     def choose_experts(self, x: torch.Tensor) -> ExpertChoice:
         """x (T, d) → the top-k experts of each token and their weights (`ExpertChoice`).
@@ -138,8 +191,14 @@ class TopKMoE(FFNLayer):
                 y = self.grouped_experts(x2, token, expert.reshape(-1)[rows], row_weight, kept)
             else:
                 y = self.loop_experts(x2, token, kept, row_weight)
+        if self.shared_experts:
+            y = y + self.shared_ffn(x2)
         self.aux = self._report(logits, counts, kept, t)
         return y.reshape(*lead, self.d_model)
+
+    def shared_ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """The S shared experts' summed output, x (T, d) → (T, d): one dense FFN of width S · B."""
+        return self.shared_out(hidden(self.shared_in(x), self.d_expert, self.glu_activation))
 
     def assign(self, expert: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Group the T·k (token, expert) assignments by expert, dropping over capacity (host plan).
@@ -195,9 +254,11 @@ class TopKMoE(FFNLayer):
         rows per expert, rows sorted by expert (host plan); None: rows in any order, nothing
         read on the host (static plan). → (T, d)."""
         if kept is None:
-            y = grouped_ffn_static(x, token, row_expert, row_weight, self.w_in, self.b_in, self.w_out)
+            y = grouped_ffn_static(x, token, row_expert, row_weight, self.w_in, self.b_in, self.w_out,
+                                   glu=self.glu_activation)
         else:
-            y = grouped_ffn(x, token, kept, row_weight, self.w_in, self.b_in, self.w_out)
+            y = grouped_ffn(x, token, kept, row_weight, self.w_in, self.b_in, self.w_out,
+                            glu=self.glu_activation)
         # Output biases: Σ over a token's assignments of weight · b_out[expert], as one matmul.
         combine = x.new_zeros(x.shape[0], self.n_experts).index_put((token, row_expert), row_weight)
         return y + combine.to(y.dtype) @ self.b_out.to(y.dtype)
@@ -211,7 +272,8 @@ class TopKMoE(FFNLayer):
             tok, w = token[start : start + n], row_weight[start : start + n, None]
             start += n
             if n:
-                h = gelu(torch.addmm(self.b_in[e], x[tok], self.w_in[e]))
+                a = torch.addmm(self.b_in[e], x[tok], self.w_in[e])
+                h = hidden(a, self.d_expert, self.glu_activation)
                 y.index_add_(0, tok, torch.addmm(self.b_out[e], h, self.w_out[e]) * w)
         return y
 
@@ -241,13 +303,17 @@ class TopKMoE(FFNLayer):
         return FFNAux(loss=loss if self.load_balance_weight or self.z_loss_weight else None, stats=stats)
 
     def active_parameters(self, n_samples: int = 1) -> float:
+        """The router, the top_k routed experts a token uses and the shared experts."""
         per_expert = (self.w_in[0].numel() + self.b_in[0].numel()
                       + self.w_out[0].numel() + self.b_out[0].numel())
-        return self.router.weight.numel() + self.top_k * per_expert
+        shared = sum(p.numel() for name, p in self.named_parameters() if name.startswith("shared_"))
+        return self.router.weight.numel() + self.top_k * per_expert + shared
 
     def flops_per_token(self, n_samples: int = 1, union: float | None = None,
                         executed: bool = False) -> float:
         # Both paths compute exactly the k chosen experts (fewer only where capacity drops, on
-        # the host plan: the static plan computes dropped assignments too, with gate 0).
+        # the host plan: the static plan computes dropped assignments too, with gate 0), and
+        # the shared ones; each expert has two matrices of d × B, three for a GLU.
         router = 2 * self.d_model * self.n_experts
-        return router + self.top_k * 2 * 2 * self.d_model * self.d_expert
+        matrices = 3 if self.glu else 2
+        return router + (self.top_k + self.shared_experts) * 2 * matrices * self.d_model * self.d_expert

@@ -29,6 +29,7 @@ FFNS = {
     "dense": dict(ffn="dense"),
     "glu": dict(ffn="glu"),
     "moe": dict(ffn="moe", ffn_options=dict(n_experts=4, top_k=2)),
+    "moe-glu-shared": dict(ffn="moe", ffn_options=dict(n_experts=3, top_k=2, shared_experts=1, glu=True)),
     "infmoe": dict(ffn="infmoe", ffn_options=dict(d_z=8)),
 }
 TEXT = "The quick brown fox jumps over the lazy dog. x = 1"

@@ -91,7 +91,7 @@ def test_editing_config_json_changes_k(checkpoint, exported, ids, tmp_path):
     assert load_hf_dir(folder)[0].ffn_layers()[0].n_samples == 3
 
 
-@pytest.mark.parametrize("ffn", ["dense", "glu", "moe", "infmoe"])
+@pytest.mark.parametrize("ffn", ["dense", "glu", "moe", "moe-glu-shared", "infmoe"])
 def test_greedy_generate_equals_ours(ffn, checkpoint, exported, ids):
     model = theirs(exported(ffn))
     torch.manual_seed(7)  # ∞-MoE in sample mode draws the same noise as our generate(seed=7)

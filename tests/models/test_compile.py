@@ -26,6 +26,8 @@ CASES = {
     "dense": ("tiny-dense", {}),
     "moe": ("tiny-moe", {}),
     "moe-capacity": ("tiny-moe", dict(capacity_factor=1.0)),
+    "moe-swiglu-shared": ("tiny-moe", dict(glu=True, n_experts=7, top_k=3, shared_experts=1,
+                                           capacity_factor=1.0)),
     "infmoe-B64-K1": ("tiny-infmoe", dict(d_hidden=512, block_size=64)),  # 8 blocks: grouped
     "infmoe-B64-K2": ("tiny-infmoe", dict(d_hidden=1024, block_size=64, n_samples=2, active_fraction=0.25)),
     "infmoe-B1-K1": ("tiny-infmoe", dict(block_size=1)),
