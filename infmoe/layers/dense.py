@@ -12,9 +12,11 @@ from infmoe.layers.base import FFNLayer, gelu, init_normal_
 class DenseMLP(FFNLayer):
     """x (..., d_model) → (..., d_model) through one hidden layer of width d_hidden."""
 
+    IN_ROWS = 1  # rows of c_fc per hidden unit (a gated unit reads two)
+
     def __init__(self, d_model: int, d_hidden: int) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
-        self.c_fc = nn.Linear(d_model, d_hidden)
+        self.c_fc = nn.Linear(d_model, self.IN_ROWS * d_hidden)
         self.c_proj = nn.Linear(d_hidden, d_model)
         self.reset_parameters()
 
