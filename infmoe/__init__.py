@@ -6,8 +6,7 @@ point) does not import torch before it has made Ctrl-C quiet.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from infmoe.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,18 +16,5 @@ _EXPORTS = {
     "infmoe.models": ("CONFIGS", "GPT", "CausalLMOutput", "GPTConfig", "KVCache", "build_model", "config_names",
                       "get_config"),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_HOME) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'infmoe' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__all__ = sorted(name for names in _EXPORTS.values() for name in names) + ["__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

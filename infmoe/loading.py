@@ -15,6 +15,9 @@ from pathlib import Path
 from infmoe.checkpoint import CHECKPOINT_FILE, check_finite, load_checkpoint
 from infmoe.data.tokenizer import Tokenizer
 from infmoe.errors import CheckpointError
+from infmoe.hf.format import CONFIG_FILE, read_config
+from infmoe.hf.gpt2 import import_gpt2
+from infmoe.hf.reading import folder_tokenizer, load_hf_dir
 from infmoe.models import GPT
 
 
@@ -36,22 +39,17 @@ def model_path(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a checkpoint file, a run folder of infmoe train, "
                               f"or an exported Hugging Face folder")
-    if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
         if (path / CHECKPOINT_FILE).is_file():
             return path / CHECKPOINT_FILE
         raise CheckpointError(f"{path} is a folder with neither {CHECKPOINT_FILE} (a run folder of infmoe train) "
-                              f"nor config.json (an exported or Hugging Face folder): give one of those")
+                              f"nor {CONFIG_FILE} (an exported or Hugging Face folder): give one of those")
     return path
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Read MODEL `path` (see `model_path`); one-line `CheckpointError` when it is missing,
     damaged, foreign, or holds weights that are not finite."""
-    # hf/ imports loading lazily as well; neither import needs transformers.
-    from infmoe.hf.export import folder_tokenizer, load_hf_dir
-    from infmoe.hf.format import read_config
-    from infmoe.hf.gpt2 import import_gpt2
-
     path = model_path(path)
     source = None
     if path.is_file():

@@ -32,21 +32,29 @@ Limits, from our GPT: right padding only (batched generation of prompts of unequ
 which pads on the left, raises: generate them one at a time); prompt + new tokens <= n_ctx.
 
 `load_hf_dir`, `import_gpt2` and `upcycle_to_infmoe` do not need `transformers`.
+
+The names below load on first use (`infmoe.lazy`): `import infmoe.hf` needs no
+`transformers`, and `infmoe.loading`, which imports `infmoe.hf.reading`, does not run
+`infmoe.hf.export`, which imports `infmoe.loading`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from infmoe.lazy import lazy_exports
 
-from infmoe.hf.export import export_hf, is_hf_export, load_hf_dir, save_hf
-from infmoe.hf.gpt2 import config_name, import_gpt2
-from infmoe.hf.upcycle import upcycle_to_infmoe
-from infmoe.loading import load_model_and_tokenizer
-
+_EXPORTS = {
+    "infmoe.hf.configuration_infmoe": ("InfmoeConfig",),
+    "infmoe.hf.export": ("export_hf", "save_hf"),
+    "infmoe.hf.gpt2": ("config_name", "import_gpt2"),
+    "infmoe.hf.modeling_infmoe": ("InfmoeForCausalLM",),
+    "infmoe.hf.reading": ("is_hf_export", "load_hf_dir"),
+    "infmoe.hf.upcycle": ("upcycle_to_infmoe",),
+}
 __all__ = [
     "InfmoeConfig", "InfmoeForCausalLM", "config_name", "export_hf", "import_gpt2", "is_hf_export",
-    "load_hf_dir", "load_model_and_tokenizer", "register", "save_hf", "upcycle_to_infmoe",
+    "load_hf_dir", "register", "save_hf", "upcycle_to_infmoe",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 def register() -> None:
@@ -60,15 +68,3 @@ def register() -> None:
     AutoConfig.register(InfmoeConfig.model_type, InfmoeConfig, exist_ok=True)
     AutoModelForCausalLM.register(InfmoeConfig, InfmoeForCausalLM, exist_ok=True)
 
-
-def __getattr__(name: str) -> Any:
-    # The transformers classes load on first use, so `import infmoe.hf` works without transformers.
-    if name == "InfmoeConfig":
-        from infmoe.hf.configuration_infmoe import InfmoeConfig
-
-        return InfmoeConfig
-    if name == "InfmoeForCausalLM":
-        from infmoe.hf.modeling_infmoe import InfmoeForCausalLM
-
-        return InfmoeForCausalLM
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,6 @@
-"""Write an infmoe model as a Hugging Face folder, and read such a folder back.
+"""Write an infmoe model as a Hugging Face folder (reading one back: `infmoe.hf.reading`).
 
-`save_hf` / `export_hf` need `transformers` (for the config and tokenizer files);
-`load_hf_dir` does not: it reads config.json and model.safetensors directly.
+`save_hf` / `export_hf` need `transformers`, for the config and tokenizer files.
 
 Writing is safe: every file is first written into a hidden staging folder inside the
 output folder, then renamed into place (config.json last), so a failure mid-way leaves the
@@ -19,10 +18,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from infmoe.checkpoint import Checkpoint, check_weights
-from infmoe.data.tokenizer import BPE_FILE, Tokenizer, load_tokenizer
-from infmoe.errors import CheckpointError, InfmoeError
-from infmoe.hf.fields import MODEL_TYPE, config_fields, gpt_config
+from infmoe.data.tokenizer import Tokenizer
+from infmoe.errors import InfmoeError
+from infmoe.hf.fields import config_fields
 from infmoe.hf.format import (
     ARCHITECTURE,
     AUTO_MAP,
@@ -31,11 +29,11 @@ from infmoe.hf.format import (
     TIED_WEIGHT,
     WEIGHT_PREFIX,
     WEIGHTS_FILE,
-    read_config,
-    read_weights,
 )
+from infmoe.hf.reading import check_vocab, is_hf_export
 from infmoe.hf.standalone import is_generated, write_standalone
 from infmoe.io import OutputError, readable_by_umask, write_errors, write_failure
+from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import GPT
 
 _STAGING = ".infmoe-export-"
@@ -43,8 +41,6 @@ _STAGING = ".infmoe-export-"
 
 def export_hf(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export the checkpoint (or earlier export) at `checkpoint_path` into `out_dir`; see `save_hf`."""
-    from infmoe.loading import load_model_and_tokenizer  # loading reads exports with this module
-
     model, tokenizer = load_model_and_tokenizer(checkpoint_path)
     return save_hf(model, tokenizer, out_dir)
 
@@ -120,51 +116,3 @@ def _check_output_dir(out_dir: Path) -> None:
     if any(not entry.name.startswith(_STAGING) for entry in out_dir.iterdir()):
         raise OutputError(f"{out_dir} is not empty and not an infmoe export, so it was left untouched: "
                           f"choose a new or empty folder")
-
-
-def is_hf_export(path: str | os.PathLike) -> bool:
-    """Whether `path` is a folder whose config.json names model_type "infmoe"."""
-    try:
-        return read_config(Path(path)).get("model_type") == MODEL_TYPE
-    except InfmoeError:
-        return False
-
-
-def load_hf_dir(path: str | os.PathLike) -> tuple[GPT, Tokenizer]:
-    """Read an export written by `save_hf` back into our `GPT` (on the CPU) and our
-    `Tokenizer`; K and mode come from config.json's n_samples and mode. One-line
-    `CheckpointError` for a folder that is not a complete infmoe export."""
-    path = Path(path)
-    data = read_config(path)
-    if data.get("model_type") != MODEL_TYPE:
-        hint = " (a GPT-2 folder: import it with infmoe.hf.import_gpt2)" if data.get("model_type") == "gpt2" else ""
-        raise CheckpointError(f"{path} holds a {data.get('model_type')!r} model, not an infmoe export{hint}: "
-                              f"give a folder written by infmoe export --hf")
-    try:
-        config = gpt_config(data)
-    except InfmoeError as err:
-        raise CheckpointError(f"{path / CONFIG_FILE} holds an invalid model config ({err}): export it again") from None
-    weights = read_weights(path / WEIGHTS_FILE)
-    if not all(name.startswith(WEIGHT_PREFIX) for name in weights):
-        raise CheckpointError(f"{path / WEIGHTS_FILE} does not hold infmoe weights: export it again")
-    weights = {name[len(WEIGHT_PREFIX):]: tensor for name, tensor in weights.items()}
-    check_weights(path / WEIGHTS_FILE, config, weights)
-    model = Checkpoint(path, config, weights).build_model()
-    return model, folder_tokenizer(path, config.vocab_size)
-
-
-def folder_tokenizer(path: Path, vocab_size: int) -> Tokenizer:
-    """Our `Tokenizer` from the tokenizer.json in a Hugging Face folder, checked against the
-    model's `vocab_size`."""
-    if not (path / BPE_FILE).is_file():
-        raise CheckpointError(f"{path} has no {BPE_FILE}: save the tokenizer beside the model "
-                              f"(infmoe export --hf writes it; for transformers, tokenizer.save_pretrained)")
-    return check_vocab(load_tokenizer(path), vocab_size, str(path))
-
-
-def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> Tokenizer:
-    """`tokenizer` if all its ids index an embedding of `vocab_size` rows, else a one-line error."""
-    if tokenizer.vocab_size > vocab_size:
-        raise CheckpointError(f"{where}: tokenizer has {tokenizer.vocab_size} ids, model vocab_size is "
-                              f"{vocab_size}; pair the model with the tokenizer it was trained with")
-    return tokenizer

@@ -13,9 +13,10 @@ pytest.importorskip("transformers")
 from infmoe.checkpoint import save_checkpoint
 from infmoe.data import Tokenizer
 from infmoe.errors import CheckpointError, InfmoeError
-from infmoe.hf import export_hf, is_hf_export, load_hf_dir, load_model_and_tokenizer
+from infmoe.hf import export_hf, is_hf_export, load_hf_dir
 from infmoe.hf.tokenizer import tiktoken_to_tokenizers
 from infmoe.io import OutputError
+from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import GPT, GPTConfig
 
 EXPECTED = {"config.json", "generation_config.json", "model.safetensors", "configuration_infmoe.py",
@@ -144,3 +145,18 @@ def test_tiktoken_checkpoint_exports(monkeypatch, tmp_path):
     loaded_model, loaded = load_hf_dir(folder)
     assert loaded.encode(text) == tokenizer.encode(text)
     assert torch.equal(loaded_model.wte.weight, model.wte.weight)
+
+
+def test_every_public_name_loads_from_its_module_and_import_runs_none():
+    """infmoe.hf's names load on first use (`infmoe.lazy`): `import infmoe.hf` imports no
+    module of the package, so infmoe.loading can import the reader without the writer."""
+    import subprocess
+    import sys
+
+    import infmoe.hf
+
+    for name in infmoe.hf.__all__:
+        assert callable(getattr(infmoe.hf, name)), name
+    code = "import sys, infmoe.hf; print(sorted(m for m in sys.modules if m.startswith('infmoe.hf.')))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from infmoe.errors import CheckpointError
-from infmoe.hf import config_name, import_gpt2, load_model_and_tokenizer
+from infmoe.hf import config_name, import_gpt2
 from infmoe.hf.gpt2 import gpt2_config
+from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import get_config
 
 transformers = pytest.importorskip("transformers")
