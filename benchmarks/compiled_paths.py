@@ -15,6 +15,7 @@ import time
 import torch
 
 from infmoe import DenseMLP, InfiniteMoE
+from infmoe.markdown import markdown_table
 
 
 def main() -> None:
@@ -45,10 +46,9 @@ def main() -> None:
             times[name].append(step(layer))
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     base = ms["dense, active width"]
-    print("| variant, compiled | path | fwd+bwd ms | vs dense active |\n|---|---|---|---|")
-    for name, value in ms.items():
-        path = getattr(variants[name].aux, "path", None) or "—"
-        print(f"| {name} | {path} | {value:.3f} | {value / base:.2f} |")
+    rows = [[name, getattr(variants[name].aux, "path", None) or "—", f"{value:.3f}", f"{value / base:.2f}"]
+            for name, value in ms.items()]
+    print("\n".join(markdown_table(["variant, compiled", "path", "fwd+bwd ms", "vs dense active"], rows)))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from infmoe.markdown import markdown_table
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,10 +63,11 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     print(f"d = {d}, hidden = {h}, {torch.get_num_threads()} threads, torch {torch.__version__}, median of "
           f"{args.repeats}\n")
-    print("| kernel | MB read | ms | GB/s |\n|---|---|---|---|")
+    rows = []
     for name, (_, size) in kernels.items():
         ms = 1e3 * statistics.median(times[name])
-        print(f"| {name} | {size / 1e6:.1f} | {ms:.3f} | {size / ms / 1e6:.1f} |")
+        rows.append([name, f"{size / 1e6:.1f}", f"{ms:.3f}", f"{size / ms / 1e6:.1f}"])
+    print("\n".join(markdown_table(["kernel", "MB read", "ms", "GB/s"], rows)))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from infmoe.generation import generate
 from infmoe.layers import InfiniteMoE
+from infmoe.markdown import markdown_table
 from infmoe.models import build_model
 
 THREADS = (1, 2)
@@ -51,13 +52,13 @@ def main() -> None:
     first = args.names[0]
     print(f"{args.tokens} new tokens, K = {args.samples}, median of {args.repeats}, torch {torch.__version__}")
     print()
-    print("| model | tokens/s, 1 thread | tokens/s, 2 threads | 2 threads / 1, time | "
-          f"vs {first}, 1 thread | vs {first}, 2 threads |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for name in args.names:
         one, two = speed[name, 1], speed[name, 2]
-        print(f"| {name} | {one:.1f} | {two:.1f} | {one / two:.2f} | {one / speed[first, 1]:.2f} | "
-              f"{two / speed[first, 2]:.2f} |")
+        rows.append([name, f"{one:.1f}", f"{two:.1f}", f"{one / two:.2f}", f"{one / speed[first, 1]:.2f}",
+                     f"{two / speed[first, 2]:.2f}"])
+    print("\n".join(markdown_table(["model", "tokens/s, 1 thread", "tokens/s, 2 threads", "2 threads / 1, time",
+                                    f"vs {first}, 1 thread", f"vs {first}, 2 threads"], rows)))
 
 
 if __name__ == "__main__":

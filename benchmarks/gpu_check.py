@@ -62,7 +62,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's infmoe, installed or not
 
-from infmoe.io import write_text  # stdlib only: the parent does not import torch before it must
+# stdlib only, both: the parent does not import torch before it must
+from infmoe.io import write_text
+from infmoe.markdown import markdown_table, number_cell
 
 TOTAL_BUDGET_S = 450.0
 # Dense bf16 tensor-core peaks in TFLOP/s (datasheet figures without sparsity), matched in
@@ -131,27 +133,8 @@ def parse_model(label: str) -> tuple[str, dict]:
     return name, parse_overrides(rest)
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_tflops(gpu: str | None) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if gpu and key in gpu), None)
-
-
-def num(value, spec: str) -> str:
-    from infmoe.bench import number_cell
-
-    return number_cell(value, spec)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    from infmoe.bench import markdown_table  # imports torch: only where a report is rendered
-
-    return markdown_table(headers, rows)
 
 
 def failed_rows(rows: list[dict]) -> list[dict]:
@@ -213,7 +196,7 @@ def _probe_grouped_mm(device) -> str:
 
 
 def environment_table(rows: list[dict]) -> list[str]:
-    return table(["item", "value"], [[r["item"], f"`{r['value']}`"] for r in rows])
+    return markdown_table(["item", "value"], [[r["item"], f"`{r['value']}`"] for r in rows]) + [""]
 
 
 def environment_summary(rows: list[dict]) -> list[str]:
@@ -255,9 +238,10 @@ def tests(opts) -> Iterator[dict]:
 
 
 def tests_table(rows: list[dict]) -> list[str]:
-    lines = table(["command", *COUNTS, "exit status", "seconds"],
-                  [[f"`{r['command']}`", *(str(r[c]) for c in COUNTS),
-                    str(r["rc"]) + (" (timed out)" if r["timed_out"] else ""), f"{r['seconds']:.1f}"] for r in rows])
+    lines = markdown_table(["command", *COUNTS, "exit status", "seconds"],
+                           [[f"`{r['command']}`", *(str(r[c]) for c in COUNTS),
+                             str(r["rc"]) + (" (timed out)" if r["timed_out"] else ""), f"{r['seconds']:.1f}"]
+                            for r in rows]) + [""]
     for r in rows:
         lines += [f"Tail of `{r['command']}`:", "", "```", *r["tail"].strip().splitlines()[-15:], "```", ""]
     return lines
@@ -442,6 +426,7 @@ def _train_steps(model, optimizer, cfg, micro: int, accum: int, seq: int, plan: 
     steps after the warm-up timed between synchronisations."""
     import torch
 
+    from infmoe.device import synchronize
     from infmoe.training.step import train_step
 
     if device.type == "cuda":
@@ -472,16 +457,19 @@ def training_table(rows: list[dict]) -> list[str]:
                           *["-"] * 8])
             continue
         cells.append([r["config"], r["precision"], f"{r['micro_batch']} x {r['seq_len']} x {r['grad_accum']}",
-                      f"{r['tokens_per_s']:.0f}", num(r["vs_dense"], ".2f"), f"{r['step_ms']:.1f}",
-                      f"{r['gflops_per_token']:.3g}", num(r["mfu"], ".1%"), num(r["executed_of_peak"], ".1%"),
-                      num(r["peak_mem_gib"], ".1f"), f"{r['loss_first']:.3f} → {r['loss_last']:.3f}"])
-    return table(["config", "precision", "batch x seq x accum", "tokens/s", "vs dense", "ms/step",
-                  "training GFLOP/token", "MFU", "executed FLOPs / peak", "peak GiB", "loss first → last"], cells)
+                      f"{r['tokens_per_s']:.0f}", number_cell(r["vs_dense"], ".2f"), f"{r['step_ms']:.1f}",
+                      f"{r['gflops_per_token']:.3g}", number_cell(r["mfu"], ".1%"),
+                      number_cell(r["executed_of_peak"], ".1%"), number_cell(r["peak_mem_gib"], ".1f"),
+                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f}"])
+    return markdown_table(["config", "precision", "batch x seq x accum", "tokens/s", "vs dense", "ms/step",
+                           "training GFLOP/token", "MFU", "executed FLOPs / peak", "peak GiB", "loss first → last"],
+                          cells) + [""]
 
 
 def training_summary(rows: list[dict]) -> list[str]:
     done = [r for r in rows if "tokens_per_s" in r]
-    lines = [f"training: {r['config']} {r['tokens_per_s']:.0f} tokens/s ({num(r['vs_dense'], '.2f')} x dense"
+    lines = [f"training: {r['config']} {r['tokens_per_s']:.0f} tokens/s "
+             f"({number_cell(r['vs_dense'], '.2f')} x dense"
              + (f", MFU {r['mfu']:.1%})" if r["mfu"] is not None else ")") for r in done]
     if done and done[0]["peak_tflops"] is None:
         lines.append("training: MFU omitted: no bf16 peak is known for this device (or it ran without bf16)")
@@ -538,6 +526,7 @@ def _profile(label: str, plan: dict, opts, device, autocast) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
 
+    from infmoe.device import synchronize
     from infmoe.layers import sampling
     from infmoe.training.step import train_step
 
@@ -629,8 +618,8 @@ def profile_table(rows: list[dict]) -> list[str]:
              f"its {source} in ms (share of the step's wall time, the median of {WALL_STEPS} unprofiled steps); "
              "idle = wall - that time; device-to-host syncs counted with torch.cuda.set_sync_debug_mode('warn'); "
              "peak = torch.cuda.max_memory_allocated over a step at each K:", ""]
-    lines += table(["config", "path at K=" + "/".join(map(str, PROFILE_SAMPLES)), "wall ms", *CATEGORIES, "idle",
-                    "D2H syncs", *(f"peak GiB K={k}" for k in PROFILE_SAMPLES)], cells)
+    lines += markdown_table(["config", "path at K=" + "/".join(map(str, PROFILE_SAMPLES)), "wall ms", *CATEGORIES,
+                             "idle", "D2H syncs", *(f"peak GiB K={k}" for k in PROFILE_SAMPLES)], cells) + [""]
     for r in done:
         if r["sync_sites"]:
             lines += [f"Syncs of {r['config']}, where (count): {', '.join(r['sync_sites'])}", ""]
@@ -704,13 +693,14 @@ def generation_table(rows: list[dict]) -> list[str]:
             cells.append([r["setting"], f"{r['error']['type']}: {_one_line(r['error']['message'])}", *["-"] * 5])
         else:
             cells.append([r["setting"], r["path"], r["dtype"], str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}",
-                          f"{1e3 / r['tokens_per_s']:.2f}", num(r["vs_dense"], ".2f")])
-    return table(["setting", "FFN path", "weights", "new tokens", "tokens/s", "ms/token", "vs dense"], cells)
+                          f"{1e3 / r['tokens_per_s']:.2f}", number_cell(r["vs_dense"], ".2f")])
+    return markdown_table(["setting", "FFN path", "weights", "new tokens", "tokens/s", "ms/token", "vs dense"],
+                          cells) + [""]
 
 
 def generation_summary(rows: list[dict]) -> list[str]:
-    return [f"generation: {r['setting']} {r['tokens_per_s']:.1f} tokens/s, {num(r['vs_dense'], '.2f')} x dense"
-            for r in rows if "tokens_per_s" in r]
+    return [f"generation: {r['setting']} {r['tokens_per_s']:.1f} tokens/s, "
+            f"{number_cell(r['vs_dense'], '.2f')} x dense" for r in rows if "tokens_per_s" in r]
 
 
 # --------------------------------------------------------------------------- the stages

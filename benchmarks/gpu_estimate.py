@@ -13,6 +13,7 @@ import argparse
 import torch
 
 from infmoe.layers import InfiniteMoE
+from infmoe.markdown import markdown_row, markdown_table
 from infmoe.models import GPT, get_config
 from infmoe.params import model_flops_per_token
 
@@ -25,9 +26,8 @@ def main() -> None:
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation")
     parser.add_argument("--tokens", type=float, default=10e9, help="training tokens for the hours column")
     args = parser.parse_args()
-    print(f"| config | path | training GFLOP/token | est. tokens/s (MFU {args.mfu:.0%}) | "
-          f"est. hours for {args.tokens / 1e9:g}B tokens |")
-    print("|---|---|---|---|---|")
+    print("\n".join(markdown_table(["config", "path", "training GFLOP/token", f"est. tokens/s (MFU {args.mfu:.0%})",
+                                    f"est. hours for {args.tokens / 1e9:g}B tokens"], [])))
     for name in CONFIGS:
         for block in ([None, 256] if name.endswith("infmoe") else [None]):
             config = get_config(name, **({"block_size": block} if block else {}))
@@ -37,8 +37,8 @@ def main() -> None:
             tokens_per_s = H100_BF16_DENSE_TFLOPS * 1e12 * args.mfu / train_flops
             routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
             path = ("sparse" if routed[0].uses_sparse(1) else "full") + f", B={routed[0].block_size}" if routed else "-"
-            print(f"| {name}{f' --block_size {block}' if block else ''} | {path} | {train_flops / 1e9:.2f} | "
-                  f"{tokens_per_s:,.0f} | {args.tokens / tokens_per_s / 3600:.1f} |")
+            print(markdown_row([f"{name}{f' --block_size {block}' if block else ''}", path, f"{train_flops / 1e9:.2f}",
+                                f"{tokens_per_s:,.0f}", f"{args.tokens / tokens_per_s / 3600:.1f}"]))
 
 
 if __name__ == "__main__":

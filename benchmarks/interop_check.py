@@ -20,6 +20,7 @@ from infmoe import build_model, sampling  # noqa: E402
 from infmoe.checkpoint import save_checkpoint  # noqa: E402
 from infmoe.data import Tokenizer  # noqa: E402
 from infmoe.hf import export_hf, import_gpt2  # noqa: E402
+from infmoe.markdown import markdown_row, markdown_table  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +28,7 @@ def main() -> None:
 
     tokenizer = Tokenizer.train_bpe([topics[k] for k in sorted(topics)][:200], 1024, progress=False)
     idx = torch.randint(0, tokenizer.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
-    print("| model | setting | max abs difference of logits |")
-    print("|---|---|---|")
+    print("\n".join(markdown_table(["model", "setting", "max abs difference of logits"], [])))  # rows as they come
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("tiny-dense", "tiny-moe", "tiny-infmoe"):
             torch.manual_seed(0)
@@ -45,7 +45,7 @@ def main() -> None:
                     torch.manual_seed(1)
                     b = theirs(idx).logits
                 label = "trust_remote_code" + (f", mode={mode}, K={k}" if mode != "-" else "")
-                print(f"| {name} export | {label} | {(a - b).abs().max().item():.2e} |")
+                print(markdown_row([f"{name} export", label, f"{(a - b).abs().max().item():.2e}"]))
         eot = tokenizer.eot_id
         hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=192, n_head=6, vocab_size=tokenizer.vocab_size,
                                         n_positions=256, bos_token_id=eot, eos_token_id=eot)).eval()
@@ -53,7 +53,7 @@ def main() -> None:
         ours = import_gpt2(Path(tmp) / "gpt2").eval()
         with torch.no_grad():
             diff = (ours(idx).logits - hf(idx).logits).abs().max().item()
-        print(f"| GPT-2 (4 x 192) import | vs GPT2LMHeadModel | {diff:.2e} |")
+        print(markdown_row(["GPT-2 (4 x 192) import", "vs GPT2LMHeadModel", f"{diff:.2e}"]))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from infmoe import DenseMLP, InfiniteMoE
+from infmoe.markdown import markdown_table
 
 
 def self_ms(layer, x, steps: int = 3) -> tuple[dict[str, float], float]:
@@ -38,11 +39,11 @@ def main() -> None:
     _, dense_total = self_ms(torch.compile(DenseMLP(args.d, args.hidden), fullgraph=True), x)
     layer = InfiniteMoE(args.d, args.hidden, d_z=48, block_size=1, impl="full")
     per_op, total = self_ms(torch.compile(layer, fullgraph=True), x)
-    print("| op | self CPU ms / step | share |\n|---|---|---|")
-    print(f"| (dense MLP of width H, whole step) | {dense_total:.1f} | {dense_total / total:.0%} |")
-    for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[: args.top]:
-        print(f"| {name} | {ms:.1f} | {ms / total:.0%} |")
-    print(f"| (∞-MoE B=1 K=1, whole step) | {total:.1f} | 100% |")
+    rows = [["(dense MLP of width H, whole step)", f"{dense_total:.1f}", f"{dense_total / total:.0%}"],
+            *([name, f"{ms:.1f}", f"{ms / total:.0%}"] for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])
+              [: args.top]),
+            ["(∞-MoE B=1 K=1, whole step)", f"{total:.1f}", "100%"]]
+    print("\n".join(markdown_table(["op", "self CPU ms / step", "share"], rows)))
 
 
 if __name__ == "__main__":

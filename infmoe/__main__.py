@@ -1,4 +1,7 @@
-"""`python -m infmoe ...` = `infmoe ...`."""
+"""`python -m infmoe ...` = `infmoe ...`; also the form torchrun launches (docs/distributed.md):
+
+    torchrun --nproc_per_node 4 -m infmoe train --config gpt2-small-infmoe --data hf:openwebtext
+"""
 
 import sys
 

@@ -13,7 +13,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import yaml
@@ -25,14 +25,14 @@ import torch
 from infmoe.checkpoint import save_checkpoint
 from infmoe.evaluation.tasks import TASKS
 from infmoe.data import prepare, unigram_loss
+from infmoe.deprecation import one_line_warnings
 from infmoe.errors import ConfigError, InfmoeError, choose, invalid, positive_int, seed_int
-from infmoe.evaluation import evaluate_model, perplexity, plot_sweep, validation_batches
-from infmoe.evaluation.perplexity import mean_k_cell
+from infmoe.evaluation import evaluate_model, mean_k_cell, perplexity, plot_sweep, validation_batches
 from infmoe.generation import check_sampling_args, generate
 from infmoe.device import PRECISIONS, autocast_for, pick_device, uses_bf16
 from infmoe.io import atomic_paths, check_writable_file, write_text
 from infmoe.loading import LoadedModel, load_model, model_path
-from infmoe.layers import InfiniteMoE
+from infmoe.layers import sampling
 from infmoe.models import config_names, get_config
 from infmoe.randomness import seeded
 from infmoe.params import parameter_report
@@ -157,10 +157,10 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     seed_int("--seed", args.seed)
     if adaptive:
         _sample_count("--max_samples", args.max_samples)
-    json_path, png_path = eval_output_paths(args.out, args.checkpoint)
+    json_path, png_path = eval_output_paths(args.out, args.model)
     for path in (json_path, png_path):
         check_writable_file(path)  # before the compute, not after
-    loaded = load_for_inference(args.checkpoint, args.device)
+    loaded = load_for_inference(args.model, args.device)
     _check_windows(args, loaded)
     source = data_source(args.data, loaded)
     device = next(loaded.model.parameters()).device
@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
                             max_tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len,
                             cache_dir=args.cache_dir, encoding_errors=args.encoding_errors, seed=args.seed,
                             autocast=autocast_for(args.precision, device), progress=True)
-    table = Table(title=f"{args.checkpoint} on {source} (validation, {result.tokens:,} tokens)")
+    table = Table(title=f"{args.model} on {source} (validation, {result.tokens:,} tokens)")
     for column in ("setting", "loss", "perplexity", "next-token accuracy", "ms/token", "union of blocks",
                    "mean K"):
         table.add_column(column, justify="right")
@@ -179,12 +179,12 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         table.add_row(r.label, f"{r.loss:.4f}", f"{r.perplexity:.2f}", f"{r.accuracy:.4f}", f"{r.ms_per_token:.4f}",
                       union, mean_k)
     _console().print(table)
-    report = {"checkpoint": str(args.checkpoint), "data": source, "tokens": result.tokens, "device": str(device),
+    report = {"checkpoint": str(args.model), "data": source, "tokens": result.tokens, "device": str(device),
               "precision": "bf16" if uses_bf16(args.precision, device) else "fp32",
               "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in result.rows]}
     with atomic_paths(json_path, png_path) as (json_tmp, png_tmp):
         json_tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        plot_sweep(result.rows, png_tmp, title=f"{Path(args.checkpoint).name}: K at inference")
+        plot_sweep(result.rows, png_tmp, title=f"{Path(args.model).name}: K at inference")
     print(f"wrote {json_path} and {png_path}")
 
 
@@ -214,14 +214,15 @@ def _check_windows(args: argparse.Namespace, loaded: LoadedModel) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
-    from infmoe.evaluation.inspect import check_output_dir, inspect_model, routed_layers, sigma_curve
+    from infmoe.evaluation.routing_report import check_output_dir, inspect_model, routed_layers
+    from infmoe.training.metrics import METRICS_FILE, sigma_curve
 
     positive_int("--tokens", args.tokens)
     seed_int("--seed", args.seed)
     out = check_output_dir(args.out)  # before the compute, not after
     curve = sigma_curve(args.run) if args.run else None
     if args.run and not curve:
-        print(f"infmoe inspect: note: {Path(args.run) / 'metrics.jsonl'} logs no σ yet (no training step, "
+        print(f"infmoe inspect: note: {Path(args.run) / METRICS_FILE} logs no σ yet (no training step, "
               "or no ∞-MoE layer): the figures leave out σ over training", file=sys.stderr)
     loaded = load_for_inference(args.model, args.device)
     _check_windows(args, loaded)
@@ -255,26 +256,24 @@ def cmd_generate(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     _check_utf8("--prompt", args.prompt)
     torch.set_num_threads(positive_int("--threads", args.threads))
     n_samples, mode = _one_sample_setting(args)
-    loaded = load_for_inference(args.checkpoint, args.device)
+    loaded = load_for_inference(args.model, args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    for layer in model.ffn_layers():
-        if isinstance(layer, InfiniteMoE):
-            layer.n_samples = n_samples or layer.n_samples
-            layer.mode = mode or layer.mode
     prompt = tokenizer.encode(args.prompt)
     ids: list[int] = []
     shown = ""
     sys.stdout.write(args.prompt)
-    for token in generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token=tokenizer.eot_id):
-        if token == tokenizer.eot_id:
-            break
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # hold back a character whose bytes are still incomplete
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
+    with sampling(model, n_samples=n_samples, mode=mode):  # None keeps the trained K or mode
+        tokens = generate(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token=tokenizer.eot_id)
+        for token in tokens:
+            if token == tokenizer.eot_id:
+                break
+            ids.append(token)
+            text = tokenizer.decode(ids)
+            if not text.endswith("\ufffd"):  # hold back a character whose bytes are still incomplete
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
     sys.stdout.write(tokenizer.decode(ids)[len(shown):] + "\n")
 
 
@@ -361,7 +360,7 @@ def cmd_experiment(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     from infmoe.hf import export_hf
 
-    out = export_hf(args.checkpoint, args.hf)
+    out = export_hf(args.model, args.hf)
     print(f"wrote a Hugging Face folder to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, "
           "trust_remote_code=True)")
 
@@ -467,118 +466,97 @@ def _sample_count(flag: str, value: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="infmoe", description="∞-MoE: mixture of experts with a continuous expert index.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("params", help="total/active parameters and FLOPs per token of named configs",
-                       description="Print total and active parameters and forward FLOPs per token. "
-                                   "Trailing --key value pairs override config fields for every config.")
+
+    def command(name: str, handler: Callable[..., Any], *, parents: Sequence[argparse.ArgumentParser] = (),
+                overrides: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
+        """A subcommand whose flags are its parents' and its own; overrides: whether it takes
+        trailing --key value pairs (config overrides) besides them."""
+        p = sub.add_parser(name, parents=list(parents), **kwargs)
+        p.set_defaults(handler=handler, overrides=overrides)
+        return p
+
+    p = command("params", cmd_params, overrides=True,
+                help="total/active parameters and FLOPs per token of named configs",
+                description="Print total and active parameters and forward FLOPs per token. "
+                            "Trailing --key value pairs override config fields for every config.")
     p.add_argument("configs", nargs="*", help=f"config names or .json/.yaml files (default: all of {', '.join(config_names())})")
     p.add_argument("--samples", default="1,2,4", help="routing samples K to report, e.g. 1,2,4")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(handler=cmd_params, overrides=True)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into the cache (train does this itself)",
-                       description="Tokenize a corpus to memory-mapped token files, reusing the cache when it exists.")
-    _data_arguments(p)
+    p = command("prepare", cmd_prepare, parents=[data_flags(default="embedded")],
+                help="tokenize a corpus into the cache (train does this itself)",
+                description="Tokenize a corpus to memory-mapped token files, reusing the cache when it "
+                            "exists.")
     p.add_argument("--tokenizer", default="auto", choices=("auto", "gpt2", "bpe"))
     p.add_argument("--tokenizer_vocab", "--tokenizer-vocab", type=int, default=4096, help="size of a trained BPE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=cmd_prepare, overrides=False, data="embedded")
 
-    p = sub.add_parser("train", help="train a model (default: tiny-infmoe on the embedded corpus)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a model. Every setting is a --key value pair: the training settings "
-                                   "below, or any model config field or FFN option (e.g. --n_layer 6 --d_z 32).",
-                       epilog="training settings (default):\n" + "\n".join(
-                           f"  --{f.name:<18} {f.default!r}" for f in dataclasses.fields(TrainConfig)))
-    p.set_defaults(handler=cmd_train, overrides=True)
+    command("train", cmd_train, overrides=True,
+            help="train a model (default: tiny-infmoe on the embedded corpus)",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            description="Train a model. Every setting is a --key value pair: the training settings "
+                        "below, or any model config field or FFN option (e.g. --n_layer 6 --d_z 32).",
+            epilog="training settings (default):\n" + "\n".join(
+                f"  --{f.name:<18} {f.default!r}" for f in dataclasses.fields(TrainConfig)))
 
-    p = sub.add_parser("eval", help="validation loss, perplexity and ms/token for each K",
-                       description="Evaluate a checkpoint on a validation split for each number of samples K "
-                                   "(and mean mode), timing each in the same run; writes JSON and a PNG plot.")
-    _model_argument(p)
-    _data_arguments(p)
-    p.add_argument("--samples", default="1,2,4,8",
-                   help="values of K, e.g. 1,2,4,8; 'auto' adds adaptive K (each token its own, up to --max_samples)")
-    p.add_argument("--max_samples", "--max-samples", type=int, default=16, help="the largest K of --samples auto")
-    p.add_argument("--mode", default="both", choices=("sample", "mean", "both"))
-    p.add_argument("--tokens", type=int, default=131072, help="validation tokens to evaluate (from the start)")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
-    p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="default: the model's n_ctx")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 autocast on CUDA, fp32 elsewhere")
+    p = command("eval", cmd_eval, help="validation loss, perplexity and ms/token for each K",
+                description="Evaluate a checkpoint on a validation split for each number of samples K "
+                            "(and mean mode), timing each in the same run; writes JSON and a PNG plot.",
+                parents=[model_flag(), data_flags(), sampling_flags(sweep=True),
+                         tokens_flag(131072, "evaluate"), batch_flags(8), seed_flag(),
+                         device_flags(precision=True)])
     p.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.png (a folder: eval.json "
                    "and eval.png in it; default: in an exported folder, or beside the checkpoint file)")
-    p.set_defaults(handler=cmd_eval, overrides=False)
 
-    p = sub.add_parser("inspect", help="figures of what the router learned: usage, expert space, overlap, σ",
-                       description="Route validation tokens through an ∞-MoE or top-k MoE model and write PNG "
-                                   "figures (usage per block or expert, a PCA of the expert space, mask overlaps, "
-                                   "σ), an index.html showing them and a summary.json of every number they show "
-                                   "(docs/inspect.md).")
-    _model_argument(p, "model")
-    _data_arguments(p)
-    p.add_argument("--tokens", type=int, default=16384, help="validation tokens to route (from the start)")
+    p = command("inspect", cmd_inspect,
+                help="figures of what the router learned: usage, expert space, overlap, σ",
+                description="Route validation tokens through an ∞-MoE or top-k MoE model and write PNG "
+                            "figures (usage per block or expert, a PCA of the expert space, mask overlaps, "
+                            "σ), an index.html showing them and a summary.json of every number they show "
+                            "(docs/inspect.md).",
+                parents=[model_flag(), data_flags(), tokens_flag(16384, "route"), batch_flags(8), seed_flag(),
+                         device_flags()])
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the figures, index.html and summary.json: new, empty, or an earlier inspect's")
     p.add_argument("--run", default=None, metavar="RUN_DIR",
                    help="the run's --out_dir: also plot σ over training from its metrics.jsonl")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=8)
-    p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="default: the model's n_ctx")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(handler=cmd_inspect, overrides=False)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (KV cache, streamed)",
-                       description="Generate text after a prompt, streaming it to the terminal.")
-    _model_argument(p)
+    p = command("generate", cmd_generate, help="generate text from a checkpoint (KV cache, streamed)",
+                description="Generate text after a prompt, streaming it to the terminal.",
+                parents=[model_flag(), sampling_flags(sweep=False), seed_flag(None), device_flags()])
     p.add_argument("--prompt", required=True)
-    p.add_argument("--samples", default=None,
-                   help="∞-MoE samples K, or auto: each token its own K up to --max_samples (default: as trained)")
-    p.add_argument("--max_samples", "--max-samples", type=int, default=16, help="the largest K of --samples auto")
-    p.add_argument("--mode", default=None, choices=("sample", "mean"))
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top_k", "--top-k", type=int, default=None)
     p.add_argument("--top_p", "--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=GENERATE_THREADS,
                    help=f"CPU threads (default {GENERATE_THREADS}; see docs/speed.md)")
-    p.set_defaults(handler=cmd_generate, overrides=False)
 
-    p = sub.add_parser("zeroshot", help="zero-shot multiple-choice accuracy (HellaSwag, PIQA, ARC, ...)",
-                       description="Score each choice by its log-likelihood, as lm-evaluation-harness does; "
-                                   "report acc (and acc_norm, length-normalised) with standard errors.")
-    _model_argument(p, "model")
+    p = command("zeroshot", cmd_zeroshot,
+                help="zero-shot multiple-choice accuracy (HellaSwag, PIQA, ARC, ...)",
+                description="Score each choice by its log-likelihood, as lm-evaluation-harness does; "
+                            "report acc (and acc_norm, length-normalised) with standard errors.",
+                parents=[model_flag(), sampling_flags(sweep=False), batch_flags(16, seq_len=False),
+                         seed_flag(), device_flags()])
     p.add_argument("--task", required=True, help="one of " + ", ".join(TASK_NAMES))
     p.add_argument("--data", required=True, help="the task's jsonl file in its original record layout")
-    p.add_argument("--samples", default=None,
-                   help="∞-MoE samples K, or auto: each token its own K up to --max_samples (default: as trained)")
-    p.add_argument("--max_samples", "--max-samples", type=int, default=16, help="the largest K of --samples auto")
-    p.add_argument("--mode", default=None, choices=("sample", "mean"))
-    p.add_argument("--batch_size", "--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument("--skip-too-long", "--skip_too_long", action="store_true",
                    help="leave out items whose continuation exceeds the model's context (else: an error)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="also write the result as JSON here")
-    p.set_defaults(handler=cmd_zeroshot, overrides=False)
 
-    p = sub.add_parser("bench", help="time the FFN variants and whole models, as ratios in one process",
-                       description="Training (fwd+bwd time, memory, GFLOP/s) and decoding (no grad, "
-                                   "weights read from memory) of dense, top-k MoE, ∞-MoE and HF Mixtral "
-                                   "layers as ratios to dense MLPs of the active and the full width; "
-                                   "whole-model training and generation tokens/s; the speed targets, met or not.")
+    p = command("bench", cmd_bench, help="time the FFN variants and whole models, as ratios in one process",
+                description="Training (fwd+bwd time, memory, GFLOP/s) and decoding (no grad, "
+                            "weights read from memory) of dense, top-k MoE, ∞-MoE and HF Mixtral "
+                            "layers as ratios to dense MLPs of the active and the full width; "
+                            "whole-model training and generation tokens/s; the speed targets, met or not.",
+                parents=[device_flags(precision=True)])
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (seconds; CI)")
     p.add_argument("--shapes", default="tiny,gpt2-small", help="layer shapes: tiny, gpt2-small")
     p.add_argument("--models", default="tiny,gpt2-small",
                    help="model sizes for training and generation tokens/s ('' for none)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="as in training: auto = bf16 autocast on CUDA, fp32 elsewhere")
     p.add_argument("--no-memory", "--no_memory", action="store_true", help="skip the memory columns")
     p.add_argument("--compile", action="store_true", help="also compiled layers and models (torch.compile)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per training call in the layer tables "
@@ -587,11 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", default=None, metavar="JSON", help="re-render the tables of a saved --json result")
     p.add_argument("--json", default=None, help="write the results as JSON here")
     p.add_argument("--markdown", default=None, help="write the tables as markdown here")
-    p.set_defaults(handler=cmd_bench, overrides=False)
 
-    p = sub.add_parser("experiment", help="run a grid of (config x seed) from a YAML spec, resumably, and report",
-                       description="Train and evaluate every run of the spec (finished runs are skipped, "
-                                   "interrupted ones resume), then write the report's tables and plots.")
+    p = command("experiment", cmd_experiment,
+                help="run a grid of (config x seed) from a YAML spec, resumably, and report",
+                description="Train and evaluate every run of the spec (finished runs are skipped, "
+                            "interrupted ones resume), then write the report's tables and plots.")
     p.add_argument("spec", help="experiment spec (YAML); see infmoe/experiments/spec.py")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, >= 1 (give each one thread in the spec)")
     p.add_argument("--report", default=None, help="markdown file to write the report sections into")
@@ -602,36 +580,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the finished runs named by --only again from their checkpoints (after the "
                         "spec's eval settings changed) and rewrite their result JSONs")
-    p.set_defaults(handler=cmd_experiment, overrides=False)
 
-    p = sub.add_parser("export", help="write a checkpoint in Hugging Face format (config.json + safetensors)",
-                       description="Write config.json, model.safetensors, the tokenizer and the modeling code, "
-                                   "loadable with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True).")
-    _model_argument(p)
+    p = command("export", cmd_export, parents=[model_flag()],
+                help="write a checkpoint in Hugging Face format (config.json + safetensors)",
+                description="Write config.json, model.safetensors, the tokenizer and the modeling code, "
+                            "loadable with AutoModelForCausalLM.from_pretrained(DIR, "
+                            "trust_remote_code=True).")
     p.add_argument("--hf", required=True, metavar="DIR", help="output folder (new, empty, or an earlier export)")
-    p.set_defaults(handler=cmd_export, overrides=False)
 
-    p = sub.add_parser("upcycle", help="turn a dense model into an ∞-MoE starting point",
-                       description="Build an ∞-MoE model with H = 2 x the dense width whose first half of each "
-                                   "FFN is the dense FFN; trailing --key value pairs set ∞-MoE options "
-                                   "(default --d_z 48).")
-    _model_argument(p, "model")
+    p = command("upcycle", cmd_upcycle, overrides=True,
+                parents=[model_flag(), seed_flag(0, "seed for the fresh weights")],
+                help="turn a dense model into an ∞-MoE starting point",
+                description="Build an ∞-MoE model with H = 2 x the dense width whose first half of each "
+                            "FFN is the dense FFN; trailing --key value pairs set ∞-MoE options "
+                            "(default --d_z 48).")
     p.add_argument("--out", required=True, help="the checkpoint file to write")
-    p.add_argument("--seed", type=int, default=0, help="seed for the fresh weights")
-    p.set_defaults(handler=cmd_upcycle, overrides=True)
     return parser
 
 
-def _model_argument(p: argparse.ArgumentParser, name: str = "checkpoint") -> None:
-    p.add_argument(name, help="an infmoe checkpoint file, an exported folder, or a Hugging Face GPT-2 folder")
+# Flags that several subcommands take, each declared once, in a function that returns a
+# parent parser (`argparse`'s parents=). A fresh parent for every subcommand: argparse hands
+# the children the parent's own action objects, so one child's set_defaults would change them
+# for all. Where the defaults differ per subcommand, they are the function's arguments.
 
 
-def _data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="a text file, a folder, a Hugging Face dataset name, or 'embedded' "
-                                   "(eval, inspect: default the checkpoint's training corpus)")
+def _parent() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+def model_flag() -> argparse.ArgumentParser:
+    """MODEL: what `load_for_inference` reads."""
+    p = _parent()
+    p.add_argument("model", metavar="MODEL",
+                   help="an infmoe checkpoint file, an exported folder, or a Hugging Face GPT-2 folder")
+    return p
+
+
+def data_flags(default: str | None = None) -> argparse.ArgumentParser:
+    """--data and how its text is read; default None: the model's training corpus."""
+    p = _parent()
+    p.add_argument("--data", default=default,
+                   help="a text file, a folder, a Hugging Face dataset name, or 'embedded' (default: "
+                        + (default or "the checkpoint's training corpus") + ")")
     p.add_argument("--cache_dir", "--cache-dir", default=None, help="prepared-data cache folder")
     p.add_argument("--encoding_errors", "--encoding-errors", default="strict", choices=("strict", "replace"),
                    help="non-UTF-8 bytes: fail (strict) or become U+FFFD (replace)")
+    return p
+
+
+def sampling_flags(sweep: bool) -> argparse.ArgumentParser:
+    """--samples, --max_samples, --mode of the ∞-MoE layers. sweep (eval): a list of K and
+    both modes, each evaluated in turn; else one setting, by default the trained one."""
+    p = _parent()
+    if sweep:
+        p.add_argument("--samples", default="1,2,4,8",
+                       help="values of K, e.g. 1,2,4,8; 'auto' adds adaptive K (each token its own, up to "
+                            "--max_samples)")
+    else:
+        p.add_argument("--samples", default=None,
+                       help="∞-MoE samples K, or auto: each token its own K up to --max_samples "
+                            "(default: as trained)")
+    p.add_argument("--max_samples", "--max-samples", type=int, default=16,
+                   help="the largest K of --samples auto")
+    p.add_argument("--mode", default="both" if sweep else None,
+                   choices=("sample", "mean", "both") if sweep else ("sample", "mean"))
+    return p
+
+
+def tokens_flag(default: int, verb: str) -> argparse.ArgumentParser:
+    """--tokens: how much of the validation split a command reads."""
+    p = _parent()
+    p.add_argument("--tokens", type=int, default=default,
+                   help=f"validation tokens to {verb} (from the start)")
+    return p
+
+
+def batch_flags(batch_size: int, seq_len: bool = True) -> argparse.ArgumentParser:
+    """--batch_size and (seq_len) --seq_len of the batches a command runs."""
+    p = _parent()
+    p.add_argument("--batch_size", "--batch-size", type=int, default=batch_size)
+    if seq_len:
+        p.add_argument("--seq_len", "--seq-len", type=int, default=None, help="default: the model's n_ctx")
+    return p
+
+
+def seed_flag(default: int | None = 1234, help: str | None = None) -> argparse.ArgumentParser:
+    p = _parent()
+    p.add_argument("--seed", type=int, default=default, help=help)
+    return p
+
+
+def device_flags(precision: bool = False) -> argparse.ArgumentParser:
+    """--device and (precision) --precision."""
+    p = _parent()
+    p.add_argument("--device", default="auto")
+    if precision:
+        p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="auto: bf16 autocast on CUDA, fp32 elsewhere (as in training)")
+    return p
 
 
 def split_command_line(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -663,7 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rest and not args.overrides:
             raise ConfigError(f"unknown option {rest[0].partition('=')[0]} (see infmoe {args.command} --help)")
-        status = args.handler(args, parse_overrides(rest, flags=BOOLEAN_SETTINGS, text=TEXT_SETTINGS))
+        with one_line_warnings(f"infmoe {args.command}"):  # an old option name: one line, as errors are
+            status = args.handler(args, parse_overrides(rest, flags=BOOLEAN_SETTINGS, text=TEXT_SETTINGS))
     except InfmoeError as err:
         print(f"infmoe {args.command}: error: {err}", file=sys.stderr)
         return 2

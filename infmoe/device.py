@@ -1,5 +1,6 @@
-"""Where and in what precision tensors live: the device a name means, and the autocast
-context a precision setting means. Shared by training, evaluation, generation and the bench."""
+"""Where and in what precision tensors live: the device a name means, the autocast context
+a precision setting means, and waiting for the device before a clock is read. Shared by
+training, evaluation, generation and the bench."""
 
 from __future__ import annotations
 
@@ -38,3 +39,10 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], contextli
     if not uses_bf16(precision, device):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until `device` has finished the work queued on it (CUDA runs asynchronously), so
+    that a wall-clock reading after it counts that work; nothing to wait for elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

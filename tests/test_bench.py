@@ -6,17 +6,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from infmoe import bench
 from infmoe import cli
-from infmoe.bench import (BASELINE, CACHE_FACTOR, FULL, SHAPES, TARGETS, MixtralPeer, Shape, build_layers,
-                          compile_variants, compiled_label, decode_variants, fixed_noise, generation_variants,
-                          infmoe_label, layer_variants, markdown, measurements, targets)
+from infmoe.bench import harness, memory, tables, variants
+from infmoe.bench.harness import fixed_noise
+from infmoe.bench.memory import CACHE_FACTOR
+from infmoe.bench.peers import PEER_IMPLEMENTATIONS, MixtralPeer, _mixtral, peer_label
+from infmoe.bench.rendering import dtype_label, markdown
+from infmoe.bench.tables import build_layers
+from infmoe.bench.targets import TARGETS, measurements, targets
+from infmoe.bench.variants import (BASELINE, FULL, SHAPES, Shape, compile_variants, compiled_label, decode_variants,
+                                   generation_variants, infmoe_label, layer_variants)
 from infmoe.cli import main
-from infmoe.layers import InfiniteMoE, build_ffn
+from infmoe.layers import DenseMLP, InfiniteMoE, build_ffn
 from infmoe.models import build_model, get_config
 
 SMALL_MODEL = dict(n_layer=1, d_model=32, n_head=2, vocab_size=256)
-needs_transformers = pytest.mark.skipif(bench._mixtral() is None, reason="transformers does not import")
+needs_transformers = pytest.mark.skipif(_mixtral() is None, reason="transformers does not import")
 
 
 def union_from_selection(layer: InfiniteMoE, x: torch.Tensor) -> float:
@@ -62,15 +67,15 @@ def full(tmp_path_factory):
     compiles in seconds (the graphs, whole or not, are the same)."""
     folder = tmp_path_factory.mktemp("bench_full")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(bench.SHAPES, "tiny", Shape("tiny", 32, 768, 64, 64, 8))
-        mp.setitem(bench.SHAPES, "gpt2-small", Shape("gpt2-small", 32, 768, 64, 1, 8))
-        mp.setattr(bench, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
+        mp.setitem(SHAPES, "tiny", Shape("tiny", 32, 768, 64, 64, 8))
+        mp.setitem(SHAPES, "gpt2-small", Shape("gpt2-small", 32, 768, 64, 1, 8))
+        mp.setattr(tables, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
         for size in ("tiny", "gpt2-small"):
-            mp.setitem(bench.GENERATE_TOKENS, size, 4)
+            mp.setitem(variants.GENERATE_TOKENS, size, 4)
             mp.setitem(cli.MODEL_BATCH, size, (2, 32))
-        mp.setattr(bench, "l3_cache_bytes", lambda: 64 * 1024)
-        mp.setattr(bench, "peak_rss_rise", lambda *args: 0)
-        mp.setattr(bench, "COMPILE_BACKEND", "aot_eager")
+        mp.setattr(tables, "l3_cache_bytes", lambda: 64 * 1024)
+        mp.setattr(tables, "peak_rss_rise", lambda *args: 0)
+        mp.setattr(tables, "COMPILE_BACKEND", "aot_eager")
         with bench_output():
             assert main(["bench", "--shapes", "tiny,gpt2-small", "--models", "tiny,gpt2-small", "--repeats", "1",
                          "--threads", "1", "--compile", "--tokens", "48", "--json", str(folder / "b.json"),
@@ -100,7 +105,7 @@ def test_training_rows_record_the_layers_own_path_union_and_flops(quick):
     for row in result["layers"]:
         layer = layers[row["variant"]]
         k = getattr(layer, "n_samples", 1)
-        bench.layer_step(layer, x, True)()  # the same call as the timed ones
+        harness.layer_step(layer, x, True)()  # the same call as the timed ones
         if isinstance(layer, InfiniteMoE):
             # the path that ran, which is the one the dispatch rule names for training
             assert row["path"] == layer.aux.path == layer.training_path(), row["variant"]
@@ -133,12 +138,12 @@ def test_mixtral_peer_has_the_total_and_active_parameters_of_the_infmoe_ffn(shap
 
 
 @needs_transformers
-@pytest.mark.parametrize("implementation", bench.PEER_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", PEER_IMPLEMENTATIONS)
 def test_mixtral_peer_flop_count_is_what_its_matmuls_do(implementation):
     torch.manual_seed(0)
     peer = MixtralPeer(32, 768, implementation)
     x = torch.randn(64, 32)
-    with bench._MatmulFlops() as seen:
+    with harness._MatmulFlops() as seen:
         y = peer(x)
     assert y.shape == x.shape and torch.isfinite(y).all() and y.abs().sum() > 0  # its parameters were set
     assert 2 * sum(seen.by_dtype.values()) == 64 * peer.flops_per_token()
@@ -148,12 +153,12 @@ def test_mixtral_peer_flop_count_is_what_its_matmuls_do(implementation):
 def test_quick_bench_has_the_peer_rows(quick):
     result, md, _ = quick
     peers = [r for r in result["layers"] if r["variant"].startswith("HF Mixtral")]
-    assert [r["variant"] for r in peers] == [bench.peer_label(i) for i in bench.PEER_IMPLEMENTATIONS]
+    assert [r["variant"] for r in peers] == [peer_label(i) for i in PEER_IMPLEMENTATIONS]
     assert result["machine"]["transformers"] and "does not import" not in md
 
 
 def test_without_transformers_the_layer_table_says_so_in_one_line(monkeypatch):
-    monkeypatch.setattr(bench, "_mixtral", lambda: None)
+    monkeypatch.setattr("infmoe.bench.peers._mixtral", lambda: None)
     assert not any(name.startswith("HF") for name in layer_variants(SHAPES["quick"]))
     machine = dict(device="cpu", gpu=None, processor="x86_64", threads=2, torch="2.13", transformers=None)
     row = dict(shape="quick", variant=BASELINE, union=None, fwd_ms=1.0, fwd_bwd_ms=3.0, vs_dense=1.0, gflops=1.0,
@@ -169,7 +174,7 @@ def test_decode_rows_read_weights_from_memory_and_are_ratios(quick):
     result, _, _ = quick
     rows = result["decode"]
     assert [(r["tokens"], r["variant"]) for r in rows] == [(1, name) for name in decode_variants(SHAPES["quick"])]
-    budget = CACHE_FACTOR * bench.l3_cache_bytes()
+    budget = CACHE_FACTOR * memory.l3_cache_bytes()
     torch.manual_seed(0)
     fresh = {name: build() for name, build in decode_variants(SHAPES["quick"]).items()}
     base, full = rows[0], rows[1]
@@ -183,11 +188,11 @@ def test_decode_rows_read_weights_from_memory_and_are_ratios(quick):
         assert row["budget_bytes"] == budget and budget <= row["copies"] * row["copy_bytes"]
         assert (row["copies"] - 1) * row["copy_bytes"] < budget
         if isinstance(layer, InfiniteMoE):
-            bench.layer_step(layer, torch.randn(1, layer.d_model), False)()
+            harness.layer_step(layer, torch.randn(1, layer.d_model), False)()
             assert row["path"] == layer.aux.path, row["variant"]
         else:
             assert row["path"] is None
-    unions = [by(rows, "variant")[(bench.infmoe_label(64, k),)]["union"] for k in (1, 4, 16)]
+    unions = [by(rows, "variant")[(infmoe_label(64, k),)]["union"] for k in (1, 4, 16)]
     assert unions == sorted(unions) and unions[0] == pytest.approx(0.5)
 
 
@@ -195,14 +200,14 @@ def test_l3_size_is_read_from_sysfs_or_assumed(tmp_path):
     size = tmp_path / "size"
     for text, expected in (("1024K\n", 2**20), ("3M", 3 * 2**20), ("4096", 4096)):
         size.write_text(text)
-        assert bench.l3_cache_bytes(str(size)) == expected
-    assert bench.l3_cache_bytes(str(tmp_path / "absent")) == bench.DEFAULT_L3
+        assert memory.l3_cache_bytes(str(size)) == expected
+    assert memory.l3_cache_bytes(str(tmp_path / "absent")) == memory.DEFAULT_L3
 
 
 def test_weight_copies_are_equal_layers_with_memory_of_their_own():
     torch.manual_seed(0)
     layer = InfiniteMoE(16, 64, d_z=4, block_size=8, n_samples=2)
-    copies = bench.weight_copies(layer, 3)
+    copies = memory.weight_copies(layer, 3)
     x = torch.randn(5, 16)
     noise = torch.randn(2, 5, 4)
     spans = []
@@ -222,7 +227,7 @@ def test_weight_copies_are_equal_layers_with_memory_of_their_own():
 
 def test_cycling_runs_each_step_in_turn():
     calls = []
-    step = bench.cycling([lambda i=i: calls.append(i) for i in range(3)])
+    step = harness.cycling([lambda i=i: calls.append(i) for i in range(3)])
     for _ in range(7):
         step()
     assert calls == [0, 1, 2, 0, 1, 2, 0]
@@ -260,7 +265,7 @@ def test_full_run_has_every_table_and_every_target(full):
     result, folder = full
     assert {r["shape"] for r in result["layers"]} == {"tiny", "gpt2-small"}
     assert sorted({(r["shape"], r["tokens"]) for r in result["decode"]}) == [
-        (s, t) for s in ("gpt2-small", "tiny") for t in bench.DECODE_TOKENS]
+        (s, t) for s in ("gpt2-small", "tiny") for t in variants.DECODE_TOKENS]
     assert "gpt2-small-infmoe --block_size 256" in [r["config"] for r in result["models"]]
     # Every target is measured, but one whose layer or model did not compile (its row says so).
     unmeasured = [t for t in TARGETS if any(term not in measurements(result) for term in t.terms)]
@@ -297,7 +302,7 @@ def test_compiled_rows_are_timed_with_the_eager_ones_and_say_what_did_not_compil
             assert train[shape, compiled_label(infmoe_label(block, 1))]["path"] == "full"
     models = {r["config"]: r for r in result["models"]}
     for size in ("tiny", "gpt2-small"):
-        for ffn in bench.COMPILE_MODELS:
+        for ffn in variants.COMPILE_MODELS:
             row = models[f"{size}-{ffn} --compile"]
             assert row["compiled"] and ("error" in row or row["tokens_per_s"] > 0)
     assert result["machine"]["compile_backend"] == "aot_eager" and "`torch.compile(fullgraph=True)`, aot_eager" in md
@@ -314,12 +319,12 @@ def test_a_layer_that_does_not_compile_whole_gets_a_row_that_says_so(monkeypatch
             return self.linear(x)
 
     shape = Shape("quick", 32, 768, 64, 64, 8)
-    monkeypatch.setattr(bench, "COMPILE_BACKEND", "aot_eager")
-    monkeypatch.setattr(bench, "layer_variants", lambda shape, peers=True: bench.dense_variants(shape))
-    monkeypatch.setattr(bench, "compile_variants", lambda shape: {compiled_label(BASELINE): lambda: bench.DenseMLP(32, 384),
-                                                                 "breaks, compiled": Breaks})
+    monkeypatch.setattr(tables, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(tables, "layer_variants", lambda shape, peers=True: variants.dense_variants(shape))
+    monkeypatch.setattr(tables, "compile_variants", lambda shape: {compiled_label(BASELINE): lambda: DenseMLP(32, 384),
+                                                                  "breaks, compiled": Breaks})
     with bench_output():
-        rows = bench.layer_table(shape, 1, False, torch.device("cpu"), compile=True)
+        rows = tables.layer_table(shape, 1, False, torch.device("cpu"), compile=True)
     assert [r["variant"] for r in rows] == [BASELINE, FULL, compiled_label(BASELINE), "breaks, compiled"]
     assert rows[3]["error"].startswith("Unsupported: ") and "graph_break" in rows[3]["error"]
     assert rows[2]["vs_eager"] == pytest.approx(rows[2]["fwd_bwd_ms"] / rows[0]["fwd_bwd_ms"])
@@ -335,8 +340,8 @@ def test_saved_for_backward_per_k_is_measured_and_a_target(quick, full):
     x = torch.randn(512, SHAPES["quick"].d_model, requires_grad=True)
     for r in rows:
         assert r["vs_k1"] == pytest.approx(r["saved_mb"] / rows[0]["saved_mb"])
-        layer = bench.infmoe_builder(SHAPES["quick"], 1, r["samples"])()
-        assert r["saved_mb"] == pytest.approx(bench.saved_bytes(layer, x) / 2**20) and r["path"] == layer.aux.path
+        layer = variants.infmoe_builder(SHAPES["quick"], 1, r["samples"])()
+        assert r["saved_mb"] == pytest.approx(memory.saved_bytes(layer, x) / 2**20) and r["path"] == layer.aux.path
         assert f"| quick | {r['samples']} | {r['path']} | {r['saved_mb']:.1f} | {r['vs_k1']:.2f} |" in md
     saved = {r["samples"]: r["saved_mb"] for r in full[0]["saved"] if r["shape"] == "gpt2-small"}
     (check,) = [c for c in targets(full[0]) if c["what"].startswith("saved for backward gpt2-small")]
@@ -355,7 +360,7 @@ def test_targets_are_measured_from_their_rows_and_met_when_within(full):
     configured = train["gpt2-small", "∞-MoE B=1 K=1 (as configured)"]["fwd_bwd_ms"]
     assert checks["training gpt2-small: ∞-MoE as configured / dense full H"]["measured"] == pytest.approx(
         configured / train["gpt2-small", FULL]["fwd_bwd_ms"])
-    peers = [train["gpt2-small", bench.peer_label(i)]["fwd_bwd_ms"] for i in bench.PEER_IMPLEMENTATIONS]
+    peers = [train["gpt2-small", peer_label(i)]["fwd_bwd_ms"] for i in PEER_IMPLEMENTATIONS]
     assert checks["training gpt2-small: ∞-MoE B=256 K=1 / the faster HF Mixtral peer"]["measured"] == pytest.approx(
         train["gpt2-small", "∞-MoE B=256 K=1"]["fwd_bwd_ms"] / min(peers))
     assert checks["decoding gpt2-small T=1: ∞-MoE B=64 mean / B=64 K=1"]["measured"] == pytest.approx(
@@ -392,9 +397,9 @@ def test_the_named_shapes_are_what_the_configs_build():
 
 def test_bench_precision_bf16_computes_and_says_bf16(tmp_path, monkeypatch):
     # smaller than --quick's own sizes, to keep the test fast; the code paths are the same
-    monkeypatch.setitem(bench.SHAPES, "quick", Shape("quick", 32, 768, 64, 64, 8))
-    monkeypatch.setattr(bench, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
-    monkeypatch.setattr(bench, "l3_cache_bytes", lambda: 64 * 1024)
+    monkeypatch.setitem(SHAPES, "quick", Shape("quick", 32, 768, 64, 64, 8))
+    monkeypatch.setattr(tables, "build_model", lambda **kwargs: build_model(**kwargs, **SMALL_MODEL))
+    monkeypatch.setattr(tables, "l3_cache_bytes", lambda: 64 * 1024)
     out = tmp_path / "bench.json"
     with bench_output():
         assert main(["bench", "--quick", "--precision", "bf16", "--repeats", "1", "--no-memory",
@@ -408,16 +413,16 @@ def test_bench_precision_bf16_computes_and_says_bf16(tmp_path, monkeypatch):
     assert {r["dtype"] for r in result["decode"] + result["generation"]} == {"float32"}
     ran = sorted({r["dtype"] for section in ("layers", "decode", "models", "generation") for r in result[section]})
     assert result["machine"]["dtype"] == (ran[0] if len(ran) == 1 else "mixed: " + ", ".join(ran))
-    assert f", {bench.dtype_label(result['machine'])};" in markdown(result).splitlines()[0]
+    assert f", {dtype_label(result['machine'])};" in markdown(result).splitlines()[0]
 
 
 def test_bench_layer_step_runs_the_forward_under_the_autocast_given():
-    layer = bench.DenseMLP(16, 32)
+    layer = DenseMLP(16, 32)
     x = torch.randn(8, 16, requires_grad=True)
     outputs = []
     layer.register_forward_hook(lambda module, args, y: outputs.append(y.dtype))
-    bench.layer_step(layer, x, True, lambda: torch.autocast("cpu", dtype=torch.bfloat16))()
-    bench.layer_step(layer, x, True)()
+    harness.layer_step(layer, x, True, lambda: torch.autocast("cpu", dtype=torch.bfloat16))()
+    harness.layer_step(layer, x, True)()
     assert outputs == [torch.bfloat16, torch.float32]
     assert layer.c_fc.weight.grad.dtype == torch.float32
 
@@ -453,19 +458,19 @@ def test_the_committed_bench_json_renders():
 
 
 def test_grid_compares_sparse_and_full_at_each_block_size_and_k(monkeypatch):
-    monkeypatch.setitem(bench.SHAPES, "quick", Shape("quick", 32, 768, 64, 64, 8))
+    monkeypatch.setitem(SHAPES, "quick", Shape("quick", 32, 768, 64, 64, 8))
     with bench_output() as out:
         assert main(["bench", "--grid", "--quick", "--repeats", "1", "--threads", "1"]) == 0
     lines = out.getvalue().splitlines()
     assert "fp32" in lines[0]
-    assert lines[2] == "| B | " + " | ".join(f"K={k}" for k in bench.GRID_SAMPLES) + " |"
+    assert lines[2] == "| B | " + " | ".join(f"K={k}" for k in variants.GRID_SAMPLES) + " |"
     rows = [line.split(" | ") for line in lines[4:]]
-    assert [int(r[0].strip("| ")) for r in rows] == [b for b in bench.GRID_BLOCKS if 768 % b == 0]
+    assert [int(r[0].strip("| ")) for r in rows] == [b for b in variants.GRID_BLOCKS if 768 % b == 0]
     assert all(float(cell.strip(" |")) > 0 for r in rows for cell in r[1:])
 
 
 def test_peak_of_runs_in_a_fresh_process():
-    assert bench.peak_rss_rise(SHAPES["quick"], BASELINE, 1) > 0
+    assert memory.peak_rss_rise(SHAPES["quick"], BASELINE, 1) > 0
 
 
 @pytest.mark.parametrize("argv, expected", [(["--shapes", "huge"], "--shapes='huge'"),

@@ -34,7 +34,7 @@ def test_params_json_and_overrides(capsys):
     [
         (["params", "gpt3"], "unknown config 'gpt3'"),
         (["params", "--bogus", "3", "tiny-dense"], "unknown config key 'bogus'"),
-        (["params", "tiny-infmoe", "--block_size", "7"], "block_size=7"),
+        (["params", "tiny-infmoe", "--units_per_block", "7"], "units_per_block=7"),
         (["params", "tiny-infmoe", "--active_fraction", "1.5"], "active_fraction=1.5"),
         (["params", "tiny-dense", "--samples", "0"], "K must be >= 1"),
         (["params", "tiny-dense", "--n_layer"], "--n_layer has no value"),
@@ -44,6 +44,22 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_an_old_option_name_works_and_warns_once_in_one_line(capsys, monkeypatch):
+    from infmoe.training import resolve
+
+    monkeypatch.setattr("infmoe.deprecation._warned", set())
+    assert main(["params", "tiny-infmoe", "--json", "--block_size", "16"]) == 0
+    old = capsys.readouterr()
+    assert old.err == ("infmoe params: warning: the ffn='infmoe' option block_size is now units_per_block; "
+                       "the old name still works for now\n")
+    assert main(["params", "tiny-infmoe", "--json", "--block_size", "16"]) == 0
+    assert capsys.readouterr().err == ""  # once per process
+    assert main(["params", "tiny-infmoe", "--json", "--units_per_block", "16"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(old.out)
+    _, model = resolve({"config": "tiny-infmoe", "block_size": 16})  # infmoe train, experiment specs
+    assert model.ffn_options["units_per_block"] == 16
 
 
 def test_argparse_mistakes_are_one_line_and_exit_2(capsys):

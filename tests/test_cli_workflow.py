@@ -143,8 +143,8 @@ def test_vocabulary_mismatch_between_checkpoint_and_data(trained, tmp_path, cach
 def test_unknown_key_and_bad_values(tmp_path, micro, capsys):
     assert main(["train", "--no_such_key", "3"]) == 2
     one_error_line(capsys, "--no_such_key")
-    assert main(["train", *argv(micro(tmp_path, block_size=7))]) == 2
-    one_error_line(capsys, "block_size=7")
+    assert main(["train", *argv(micro(tmp_path, units_per_block=7))]) == 2
+    one_error_line(capsys, "units_per_block=7")
     assert main(["eval", "x.safetensors", "--bogus"]) == 2
     one_error_line(capsys, "unknown option --bogus")
     assert main(["generate", "x.safetensors", "--prompt", "a", "--top-p", "2"]) == 2
@@ -188,7 +188,7 @@ def test_upcycle_a_dense_model_and_continue_training(tmp_path, micro, capsys):
     assert main(["train", *argv(micro(tmp_path / "dense", config="tiny-dense", max_steps=4))]) == 0
     upcycled = tmp_path / "upcycled.safetensors"
     assert main(["upcycle", str(tmp_path / "dense" / "checkpoint.safetensors"), "--out", str(upcycled),
-                 "--d_z", "8", "--block_size", "4"]) == 0
+                 "--d_z", "8", "--units_per_block", "4"]) == 0
     settings = {k: v for k, v in micro(tmp_path / "more", max_steps=4).items() if k not in ("config", "n_layer",
                                                                                           "d_model", "n_head", "n_ctx")}
     assert main(["train", *argv(settings), "--init_from", str(upcycled)]) == 0
@@ -196,7 +196,7 @@ def test_upcycle_a_dense_model_and_continue_training(tmp_path, micro, capsys):
 
     config = load_checkpoint(tmp_path / "more" / "checkpoint.safetensors").config
     assert config.ffn == "infmoe" and config.ffn_hidden == 2 * 4 * config.d_model
-    assert config.ffn_options["d_z"] == 8 and config.ffn_options["block_size"] == 4
+    assert config.ffn_options["d_z"] == 8 and config.ffn_options["units_per_block"] == 4
     capsys.readouterr()
     assert main(["train", *argv(settings), "--init_from", str(upcycled), "--n_layer", "3"]) == 2
     one_error_line(capsys, "--init_from takes the model config")

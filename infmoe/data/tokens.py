@@ -1,4 +1,5 @@
-"""Token files: flat arrays of little-endian token ids on disk, read back as memory maps.
+"""Token files: flat arrays of little-endian token ids on disk, read back as memory maps,
+and the count baselines on them (unigram, bigram) that any language model must beat.
 
 A split's file is every document's ids followed by ``<|endoftext|>``, in document order:
 ``doc0 EOT doc1 EOT ...``; it has no header (its dtype and length are in meta.json).
@@ -99,3 +100,17 @@ def unigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float
     log_p = np.log(np.bincount(train, minlength=vocab_size) + 1.0) - np.log(len(train) + vocab_size)
     valid_counts = np.bincount(valid, minlength=vocab_size)
     return float(-(valid_counts * log_p).sum() / len(valid))
+
+
+def bigram_loss(train: np.ndarray, valid: np.ndarray, vocab_size: int, alpha: float = 0.1) -> float:
+    """Cross-entropy (nats/token) on `valid` of an add-alpha bigram model counted on
+    `train`, interpolated with nothing: P(b | a) = (c(a, b) + alpha) / (c(a) + alpha · V)."""
+    train = np.asarray(train, dtype=np.int64)
+    valid = np.asarray(valid, dtype=np.int64)
+    pairs, counts = np.unique(train[:-1] * vocab_size + train[1:], return_counts=True)
+    first = np.bincount(train[:-1], minlength=vocab_size)
+    query = valid[:-1] * vocab_size + valid[1:]
+    position = np.clip(np.searchsorted(pairs, query), 0, len(pairs) - 1)
+    pair_counts = np.where(pairs[position] == query, counts[position], 0)
+    probs = (pair_counts + alpha) / (first[valid[:-1]] + alpha * vocab_size)
+    return float(-np.log(probs).mean())

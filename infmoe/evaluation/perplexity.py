@@ -1,4 +1,5 @@
-"""Validation batches, loss and perplexity, and the sweep over ∞-MoE's K at inference.
+"""Loss and perplexity of a model on validation batches, and the sweep over ∞-MoE's K at
+inference (validation batches: `infmoe.evaluation.validation`).
 
 Every evaluation runs under a forked, fixed-seed RNG: a re-run gives the same numbers and
 evaluating in the middle of training does not disturb the training run's random stream.
@@ -12,38 +13,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from infmoe.data import PreparedData, Tokenizer, prepare
-from infmoe.data.tokens import damaged_data_fix
-from infmoe.errors import DataError, choose, positive_int
+from infmoe.data import PreparedData, Tokenizer
+from infmoe.device import synchronize
+from infmoe.errors import choose
+from infmoe.evaluation.validation import Batches, validation_batches
 from infmoe.layers import InfiniteMoE, sampling
 from infmoe.models import GPT
 from infmoe.randomness import seeded
-
-Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first max_tokens of `tokens` (at least one window) as consecutive windows of
-    seq_len, in batches of batch_size in a fixed order: inputs, targets each (b, seq_len) int64."""
-    positive_int("tokens", max_tokens)
-    n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
-    if n < 1:
-        raise DataError(f"the validation split has {len(tokens)} tokens, fewer than one window of seq_len={seq_len}: "
-                        "use more validation text or a smaller --seq_len")
-    rows = torch.from_numpy(np.asarray(tokens[: n * seq_len + 1]).astype(np.int64))
-    x = rows[:-1].view(n, seq_len)
-    y = rows[1:].view(n, seq_len)
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
 def perplexity(loss: float) -> float:
@@ -102,14 +82,6 @@ class SweepRow:
         return asdict(self)
 
 
-def mean_k_cell(mode: str, n_samples: int, mean_samples: str | None) -> str:
-    """The "mean K" cell of a sweep row: the measured mean (mode "adaptive", given formatted),
-    "-" in mode "mean", else the fixed K."""
-    if mean_samples is not None:
-        return mean_samples
-    return "-" if mode == "mean" else str(n_samples)
-
-
 @torch.no_grad()
 def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples: Sequence[int] = (1, 2, 4, 8),
                   include_mean: bool = True, include_sample: bool = True, adaptive: int | None = None,
@@ -138,10 +110,10 @@ def sweep_samples(model: GPT, batches: Batches, device: torch.device, *, samples
         x, y = x.to(device), y.to(device)
         for i, (mode, k) in enumerate(settings):
             with seeded(seed + 7919 * i + b, device), sampling(model, n_samples=k, mode=mode), autocast():
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 logits = model(x).logits
-                _sync(device)
+                synchronize(device)
                 times[i].append((time.perf_counter() - start) / y.numel())
             totals[i] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
             hits[i] += int((logits.argmax(dim=-1) == y).sum())
@@ -178,22 +150,6 @@ class Evaluation:
 MODES = ("sample", "mean", "both")
 
 
-def validation_batches(model: GPT, tokenizer: Tokenizer, source: str, *, max_tokens: int, batch_size: int = 8,
-                       seq_len: int | None = None, cache_dir: str | None = None, encoding_errors: str = "strict"
-                       ) -> tuple[PreparedData, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Corpus `source` prepared with the model's own `tokenizer`, and the first `max_tokens`
-    of its validation split as `eval_batches` of seq_len (default: the model's n_ctx)."""
-    data = prepare(source, cache_dir=cache_dir, tokenizer=tokenizer, encoding_errors=encoding_errors, progress=False)
-    batches = eval_batches(data.valid, seq_len or model.config.n_ctx, batch_size, max_tokens)
-    # Up front, not as an IndexError in the embedding: a cache changed behind prepare's back
-    # (its file stamps restored) can hold ids the model has no row for.
-    top = max((max(int(x.max()), int(y.max())) for x, y in batches), default=-1)
-    if top >= model.config.vocab_size:
-        raise DataError(f"the prepared validation tokens hold id {top}, beyond the model's vocabulary of "
-                        f"{model.config.vocab_size}: they are damaged; {damaged_data_fix(data.valid)}")
-    return data, batches
-
-
 def evaluate_model(model: GPT, tokenizer: Tokenizer, source: str, *, samples: Sequence[int] = (1, 2, 4, 8),
                    modes: str = "both", adaptive: int | None = None, max_tokens: int = 131072, batch_size: int = 8, seq_len: int | None = None,
                    cache_dir: str | None = None, encoding_errors: str = "strict", seed: int = 1234,
@@ -213,35 +169,3 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, source: str, *, samples: Se
                          include_sample=modes in ("sample", "both") or not routed,
                          adaptive=adaptive if routed else None, seed=seed, autocast=autocast, progress=progress)
     return Evaluation(rows, data, batches)
-
-
-def plot_sweep(rows: Sequence[SweepRow], path, title: str = "") -> None:
-    """Validation loss against ms/token, one labelled point per setting, saved as PNG to
-    `path` (a temporary of `infmoe.io.atomic_path`: this writes in place)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    sampled = [r for r in rows if r.mode == "sample"]
-    ax.plot([r.ms_per_token for r in sampled], [r.loss for r in sampled], "-o", color="tab:blue", label="K samples")
-    for r in rows:
-        if r.mode == "mean":
-            ax.plot(r.ms_per_token, r.loss, "s", color="tab:orange", label="mean mode (z = μ)")
-        if r.mode == "adaptive":
-            ax.plot(r.ms_per_token, r.loss, "D", color="tab:green",
-                    label=f"adaptive K (mean {r.mean_samples:.2f})")
-        ax.annotate(r.label, (r.ms_per_token, r.loss), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("ms per token (forward, this machine)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.ticklabel_format(axis="y", useOffset=False)  # losses as they are, not as offsets from one
-    ax.set_title(title or "∞-MoE: samples K at inference")
-    ax.margins(0.15)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)

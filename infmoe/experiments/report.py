@@ -34,10 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from infmoe.errors import ConfigError
-from infmoe.evaluation.perplexity import mean_k_cell
-from infmoe.experiments.runner import mean_std, read_result, spikes, training_minutes
+from infmoe.evaluation.cells import mean_k_cell
+from infmoe.experiments.results import read_result
 from infmoe.experiments.spec import REPORT_KINDS
+from infmoe.experiments.stats import (difference_z, mean_std, paired_z, pooled_estimate, spikes, training_minutes,
+                                      welch_t)
 from infmoe.io import atomic_path, write_text
+from infmoe.markdown import markdown_row, markdown_table, number_cell
 
 
 def load_results(results_dir: Path) -> dict[str, list[dict]]:
@@ -58,34 +61,43 @@ def _m(x: float) -> str:
     return f"{x / 1e6:.2f}M"
 
 
+def _no_runs(run: str, columns: int) -> str:
+    """The row of a run without finished seeds: a note across a table of `columns` columns."""
+    return f"| {run} | (no finished runs) |" + " |" * (columns - 2)
+
+
+def _with_z(value: float, z: float) -> str:
+    """A difference and its z, flagged where |z| > 1.96 (two-sided 5%)."""
+    return f"{value:+.3f} ({z:+.1f}{', significant' if abs(z) > 1.96 else ''})"
+
+
 def table_section(runs: list[str], results: dict[str, list[dict]]) -> str:
     """Per run, mean ± std over seeds. Final σ, σ / rms μ and sample disagreement (two
     samples of a token: the share of one's blocks the other does not keep): the router's,
     at the last log line (∞-MoE only; "-" for runs logged before the statistic existed);
     K=16 − K=1: validation loss with 16 samples minus with 1."""
-    lines = ["| run | params total | active | tokens | seeds | val loss | val perplexity | loss spikes | "
-             "final σ | σ / rms μ | sample disagreement | K=16 − K=1 | train min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["run", "params total", "active", "tokens", "seeds", "val loss", "val perplexity", "loss spikes",
+              "final σ", "σ / rms μ", "sample disagreement", "K=16 − K=1", "train min"]
+    lines = markdown_table(header, [])
     for run in runs:
         records = results.get(run, [])
         if not records:
-            lines.append(f"| {run} | (no finished runs) | | | | | | | | | | | |")
+            lines.append(_no_runs(run, len(header)))
             continue
         first = records[0]
         losses = [r["headline"]["loss"] for r in records]
-        lines.append(
-            f"| {run} | {_m(first['params']['total'])} | {_m(first['params']['active'])} | "
-            f"{first['tokens_seen'] / 1e6:.2f}M | {len(records)} | {_pm(losses)} | "
-            f"{_pm([math.exp(v) for v in losses], '.1f')} | {_pm([spikes(r['curve']['train_loss']) for r in records], '.1f')} | "
-            f"{_final(records, 'sigma_mean')} | {_final(records, 'sigma_over_mu')} | "
-            f"{_final(records, 'sample_disagreement')} | {_k_gap(records)} | "
-            f"{_pm([training_minutes(r) for r in records], '.1f')} |"
-        )
+        lines.append(markdown_row([
+            run, _m(first["params"]["total"]), _m(first["params"]["active"]), f"{first['tokens_seen'] / 1e6:.2f}M",
+            str(len(records)), _pm(losses), _pm([math.exp(v) for v in losses], ".1f"),
+            _pm([spikes(r["curve"]["train_loss"]) for r in records], ".1f"), _final(records, "sigma_mean"),
+            _final(records, "sigma_over_mu"), _final(records, "sample_disagreement"), _k_gap(records),
+            _pm([training_minutes(r) for r in records], ".1f")]))
     base = next((r for run in runs for r in results.get(run, [])), None)
     if base is not None:
         for name in ("unigram", "bigram"):
             loss = base["baselines"][name]
-            lines.append(f"| {name} baseline | | | | | {loss:.3f} | {math.exp(loss):.1f} | | | | | | |")
+            lines.append(markdown_row([f"{name} baseline", "", "", "", "", f"{loss:.3f}", f"{math.exp(loss):.1f}",
+                                       *[""] * 6]))
     return "\n".join(lines)
 
 
@@ -107,20 +119,19 @@ def compare_section(runs: list[str], results: dict[str, list[dict]]) -> str:
     """The first run against each other run by validation loss: mean difference (other −
     first; positive means the first is better), Welch's t over seeds, and whether every seed
     of the first beats every seed of the other."""
-    lines = [f"| {runs[0]} vs | seeds | {runs[0]} val loss | their val loss | difference (theirs − ours) | "
-             "perplexity ratio | Welch t | lower in every seed pair |",
-             "|---|---|---|---|---|---|---|---|"]
+    header = [f"{runs[0]} vs", "seeds", f"{runs[0]} val loss", "their val loss", "difference (theirs − ours)",
+              "perplexity ratio", "Welch t", "lower in every seed pair"]
+    lines = markdown_table(header, [])
     ours = [r["headline"]["loss"] for r in results.get(runs[0], [])]
     for run in runs[1:]:
         theirs = [r["headline"]["loss"] for r in results.get(run, [])]
         if not ours or not theirs:
-            lines.append(f"| {run} | (no finished runs) | | | | | | |")
+            lines.append(_no_runs(run, len(header)))
             continue
-        (m1, s1), (m2, s2) = mean_std(ours), mean_std(theirs)
-        spread = math.sqrt(s1**2 / len(ours) + s2**2 / len(theirs))
-        t = f"{(m2 - m1) / spread:+.1f}" if len(ours) > 1 and len(theirs) > 1 and spread > 0 else "-"
-        lines.append(f"| {run} | {len(ours)} vs {len(theirs)} | {_pm(ours)} | {_pm(theirs)} | {m2 - m1:+.3f} | "
-                     f"{math.exp(m2 - m1):.3f} | {t} | {'yes' if max(ours) < min(theirs) else 'no'} |")
+        difference = mean_std(theirs)[0] - mean_std(ours)[0]
+        lines.append(markdown_row([run, f"{len(ours)} vs {len(theirs)}", _pm(ours), _pm(theirs), f"{difference:+.3f}",
+                                   f"{math.exp(difference):.3f}", number_cell(welch_t(ours, theirs), "+.1f"),
+                                   "yes" if max(ours) < min(theirs) else "no"]))
     return "\n".join(lines)
 
 
@@ -132,10 +143,10 @@ def cost_section(runs: list[str], results: dict[str, list[dict]]) -> str:
         return "(no finished runs)"
     minutes = [training_minutes(r) for r in records]
     tokens = sorted({r["tokens_seen"] for r in records})
-    return ("| seed runs finished | training time, summed over runs | longest run | tokens per run |\n"
-            "|---|---|---|---|\n"
-            f"| {len(records)} | {sum(minutes) / 60:.1f} h | {max(minutes):.1f} min | "
-            f"{', '.join(f'{t / 1e6:.2f}M' for t in tokens)} |")
+    return "\n".join(markdown_table(
+        ["seed runs finished", "training time, summed over runs", "longest run", "tokens per run"],
+        [[str(len(records)), f"{sum(minutes) / 60:.1f} h", f"{max(minutes):.1f} min",
+          ", ".join(f"{t / 1e6:.2f}M" for t in tokens)]]))
 
 
 def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:
@@ -144,26 +155,23 @@ def zeroshot_section(runs: list[str], results: dict[str, list[dict]]) -> str:
     tasks = sorted({t for run in runs for r in results.get(run, []) for t in r.get("zeroshot", {})})
     if not tasks:
         return "(no zero-shot results)"
-    lines = ["| task | " + " | ".join(runs) + " | " + " | ".join(f"{r} − {runs[0]} (z)" for r in runs[1:]) + " |",
-             "|---" * (1 + 2 * len(runs) - 1) + "|"]
+    lines = markdown_table(["task", *runs, *(f"{r} − {runs[0]} (z)" for r in runs[1:])], [])
     for task in tasks:
         stats = {}
         for run in runs:
             records = [r["zeroshot"][task] for r in results.get(run, []) if task in r.get("zeroshot", {})]
             if records:
-                acc = sum(r["acc"] for r in records) / len(records)
-                se = math.sqrt(sum(r["acc_stderr"] ** 2 for r in records)) / len(records)
+                acc, se = pooled_estimate([r["acc"] for r in records], [r["acc_stderr"] for r in records])
                 stats[run] = (acc, se, records[0]["n"])
         cells = [f"{stats[r][0]:.3f} ± {stats[r][1]:.3f}" if r in stats else "-" for r in runs]
         for run in runs[1:]:
             if run in stats and runs[0] in stats:
                 delta = stats[run][0] - stats[runs[0]][0]
-                z = delta / math.sqrt(stats[run][1] ** 2 + stats[runs[0]][1] ** 2 or 1e-12)
-                cells.append(f"{delta:+.3f} ({z:+.1f}{', significant' if abs(z) > 1.96 else ''})")
+                cells.append(_with_z(delta, difference_z(delta, stats[run][1], stats[runs[0]][1])))
             else:
                 cells.append("-")
         n = next(iter(stats.values()))[2] if stats else 0
-        lines.append(f"| {task} (n={n}) | " + " | ".join(cells) + " |")
+        lines.append(markdown_row([f"{task} (n={n})", *cells]))
     return "\n".join(lines)
 
 
@@ -179,24 +187,21 @@ def zeroshot_sweep_section(runs: list[str], results: dict[str, list[dict]]) -> s
             continue
         ks = sorted({int(k) for r in records for k in r["zeroshot_sweep"]})
         if not lines:
-            lines = ["| run | task | " + " | ".join(f"K={k}" for k in ks) + f" | K={ks[-1]} − K={ks[0]} (paired z) |",
-                     "|---|---|" + "---|" * len(ks) + "---|"]
+            lines = markdown_table(["run", "task", *(f"K={k}" for k in ks), f"K={ks[-1]} − K={ks[0]} (paired z)"], [])
         tasks = sorted(set.intersection(*(set(r["zeroshot_sweep"][str(ks[0])]) for r in records)))
         all_differences = []
         for task in tasks:
             cells = []
             for k in ks:
                 per_seed = [r["zeroshot_sweep"][str(k)][task] for r in records]
-                acc = sum(x["acc"] for x in per_seed) / len(per_seed)
-                se = math.sqrt(sum(x["acc_stderr"] ** 2 for x in per_seed)) / len(per_seed)
+                acc, se = pooled_estimate([x["acc"] for x in per_seed], [x["acc_stderr"] for x in per_seed])
                 cells.append(f"{acc:.3f} ± {se:.3f}")
             differences = [hi - lo for r in records for hi, lo in zip(r["zeroshot_sweep"][str(ks[-1])][task]["correct"],
                                                                    r["zeroshot_sweep"][str(ks[0])][task]["correct"])]
             all_differences += differences
             n = records[0]["zeroshot_sweep"][str(ks[0])][task]["n"]
-            lines.append(f"| {run} | {task} (n={n}) | " + " | ".join(cells) + f" | {_paired(differences)} |")
-        lines.append(f"| {run} | all tasks, items pooled | " + " | ".join("" for _ in ks) +
-                     f" | {_paired(all_differences)} |")
+            lines.append(markdown_row([run, f"{task} (n={n})", *cells, _paired(differences)]))
+        lines.append(markdown_row([run, "all tasks, items pooled", *[""] * len(ks), _paired(all_differences)]))
     return "\n".join(lines) if lines else "(no zero-shot results per K)"
 
 
@@ -207,27 +212,23 @@ def eval_section(path: Path) -> str:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"report section eval: cannot read {path} ({err}); run infmoe eval --out to write it") from None
     lines = [f"`infmoe eval {report['checkpoint']}` on {report['data']} ({report['tokens']:,} validation tokens, "
-             f"{report['device']}, {report['precision']}, {report['threads']} threads)", "",
-             "| setting | val loss | next-token accuracy | ms/token | ms/token vs K=1 | union of blocks | mean K |",
-             "|---|---|---|---|---|---|---|"]
+             f"{report['device']}, {report['precision']}, {report['threads']} threads)", ""]
     base = next((r["ms_per_token"] for r in report["rows"] if r["label"] == "K=1"), None)
+    rows = []
     for r in report["rows"]:
         mean_k = mean_k_cell(r["mode"], r["n_samples"],
                              None if r.get("mean_samples") is None else f"{r['mean_samples']:.2f}")
-        union = "-" if r.get("union_fraction") is None else f"{r['union_fraction']:.3f}"
         ratio = f"{r['ms_per_token'] / base:.2f}" if base else "-"
-        lines.append(f"| {r['label']} | {r['loss']:.4f} | {r['accuracy']:.4f} | {r['ms_per_token']:.4f} | {ratio} | "
-                     f"{union} | {mean_k} |")
+        rows.append([r["label"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", f"{r['ms_per_token']:.4f}", ratio,
+                     number_cell(r.get("union_fraction"), ".3f"), mean_k])
+    lines += markdown_table(["setting", "val loss", "next-token accuracy", "ms/token", "ms/token vs K=1",
+                             "union of blocks", "mean K"], rows)
     return "\n".join(lines)
 
 
 def _paired(differences: list[int]) -> str:
     """Mean of per-item differences in correctness (−1, 0, 1) and its z."""
-    n = len(differences)
-    mean = sum(differences) / n
-    var = sum((d - mean) ** 2 for d in differences) / (n - 1) if n > 1 else 0.0
-    z = mean / math.sqrt(var / n) if var > 0 else 0.0
-    return f"{mean:+.3f} ({z:+.1f}{', significant' if abs(z) > 1.96 else ''})"
+    return _with_z(*paired_z(differences))
 
 
 def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path, link: str) -> str:
@@ -238,8 +239,8 @@ def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| run | setting | val loss | val perplexity | next-token accuracy | ms/token | union of blocks | mean K |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = markdown_table(["run", "setting", "val loss", "val perplexity", "next-token accuracy", "ms/token",
+                            "union of blocks", "mean K"], [])
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         records = results.get(run, [])
@@ -258,8 +259,8 @@ def sweep_section(runs: list[str], results: dict[str, list[dict]], figure: Path,
             mean_k = mean_k_cell(rows[0]["mode"], rows[0]["n_samples"],
                                  None if rows[0].get("mean_samples") is None
                                  else _pm([x["mean_samples"] for x in rows], ".2f"))
-            lines.append(f"| {run} | {label} | {_pm(losses)} | {_pm([math.exp(v) for v in losses], '.1f')} | "
-                         f"{accuracy} | {_pm(ms, '.3f')} | {union} | {mean_k} |")
+            lines.append(markdown_row([run, label, _pm(losses), _pm([math.exp(v) for v in losses], ".1f"), accuracy,
+                                       _pm(ms, ".3f"), union, mean_k]))
             points.append((label, sum(ms) / len(ms), sum(losses) / len(losses)))
         sampled = [p for p in points if p[0].startswith("K=")]
         line, = ax.plot([p[1] for p in sampled], [p[2] for p in sampled], "-o", label=f"{run}: K samples")

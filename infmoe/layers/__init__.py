@@ -2,13 +2,16 @@
 
 Adding a variant: one new file with an `FFNLayer` subclass, plus one line in `FFN_TYPES`.
 Its keyword-only constructor arguments become the keys a model config may set in
-``ffn_options``.
+``ffn_options``; a renamed one keeps its old name in the class's ``RENAMED_OPTIONS``.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from typing import Any
 
+from infmoe.deprecation import new_names
 from infmoe.errors import ConfigError, choose, invalid
 from infmoe.layers.base import FFNAux, FFNLayer
 from infmoe.layers.dense import DenseMLP
@@ -30,9 +33,16 @@ def ffn_option_names(ffn: str) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def current_option_names(ffn: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """`settings` (FFN options, or flat overrides that hold some) with each old name of a
+    renamed option of `ffn` replaced by its new one; warns once per old name."""
+    renames = FFN_TYPES[choose("ffn", ffn, FFN_TYPES)].RENAMED_OPTIONS
+    return new_names(settings, renames, f"the ffn={ffn!r} option")
+
+
 def build_ffn(ffn: str, d_model: int, d_hidden: int, options: dict | None = None) -> FFNLayer:
     """Construct the variant named `ffn`; unknown option keys raise a `ConfigError`."""
-    options = dict(options or {})
+    options = current_option_names(ffn, options or {})
     allowed = ffn_option_names(ffn)
     for key in options:
         if key not in allowed:
@@ -46,4 +56,4 @@ def build_ffn(ffn: str, d_model: int, d_hidden: int, options: dict | None = None
 
 
 __all__ = ["FFN_TYPES", "FFNAux", "FFNLayer", "DenseMLP", "GLU", "TopKMoE", "InfiniteMoE",
-           "sampling", "draw_train_samples", "build_ffn", "ffn_option_names"]
+           "sampling", "draw_train_samples", "build_ffn", "current_option_names", "ffn_option_names"]

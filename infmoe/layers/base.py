@@ -11,7 +11,8 @@ each block after its forward; nothing is global.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -46,6 +47,10 @@ class FFNAux:
 
 class FFNLayer(nn.Module):
     """Base class: holds the sizes, the last call's `aux`, and the accounting hooks."""
+
+    # Options renamed since configs were first written ({old: new}): the old name is still
+    # accepted, with a one-line warning (`infmoe.deprecation`).
+    RENAMED_OPTIONS: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, d_model: int, d_hidden: int) -> None:
         super().__init__()

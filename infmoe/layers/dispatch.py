@@ -2,10 +2,11 @@
 
 Two plans exist, and the device decides between them:
 
-- the **host plan** (eager CPU): routing results may be read on the host, where reading
-  costs nothing but a few microseconds. The sparse path counts each block's rows there and
-  chunks them so its temporaries stay small (CPU page faults, see `layers.grouped`), and
-  decoding loops over tokens reading only the chosen rows (`layers.rows`).
+- the **host plan** (eager CPU): routing results may be read on the host, where they
+  already are, so reading them waits for no device. The sparse path counts each block's
+  rows there and chunks them so its temporaries stay small (CPU page faults, see
+  `layers.grouped`), and decoding loops over tokens reading only the chosen rows
+  (`layers.rows`).
 - the **static plan** (CUDA, and anything under `torch.compile`): nothing is read on the
   host. Shapes are the ones the method fixes (each sample keeps exactly n_kept blocks, so
   K · T · n_kept (token, block) pairs), offsets are computed on the device, and a graph
@@ -52,9 +53,11 @@ def static_plan(device_type: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# The rule. Its constants are each plan's own: the host plan's were fitted on 2 CPU threads
-# (docs/speed.md, `infmoe bench --grid`); the static plan's are first guesses for a GPU,
-# to be refitted from benchmarks/gpu_check.py's grid when a GPU is lent.
+# The rule. Its constants are each plan's own, and measured, not derived: the timings they
+# were fitted to, with the machine that ran them, are in docs/speed.md ("Six paths, two
+# plans, one rule" and "The sparse / full grid behind impl="auto""), each under the command
+# that prints it. The static plan's are first guesses for a GPU, to be refitted from
+# benchmarks/gpu_check.py's grid when a GPU is lent.
 
 # Paths a call can take. "sparse" and "rows" plan on the host; "grouped" and "gather" are
 # the same methods on the static plan (fixed K · T · n_kept pairs, device offsets).
@@ -63,12 +66,11 @@ PATHS = ("masked", "full", "sparse", "grouped", "rows", "gather")
 # most this; beyond it one pass over every row (the full path) is cheaper.
 DECODE_LIMIT = {"host": 0.8, "static": 0.8}
 # Grouped-matmul overhead per row against a dense MLP, in units of B: sparse costs
-# fraction · (a + b / B) of the full path. Host: fitted (sparse/full at 2048 tokens, d = 768,
-# H = 6144, fp32, 2 threads). Static: a guess until a GPU measures it.
+# fraction · (a + b / B) of the full path. Host: fitted to the sparse / full grid of
+# `infmoe bench --grid`. Static: a guess until a GPU measures it.
 # Compiled on the CPU (the static plan on the CPU's own tensors), the grouped path gathers
-# all K · T · n_kept rows at once: at B = 64, K = 1 (fraction 0.5), 2048 tokens, d = 768,
-# H = 6144, fp32, 2 threads it took 1.54x the compiled full path (1194 ms against 774 ms,
-# `python benchmarks/compiled_paths.py`): a = 1.54 / 0.5.
+# all K · T · n_kept rows at once: a is its time over the compiled full path's at B = 64,
+# K = 1, divided by the fraction 0.5 it computes (`python benchmarks/compiled_paths.py`).
 # A GLU block (three matrices) costs 3/2 of an MLP block on both paths, which leaves a as it
 # is; b, a per-row cost (gathering x, adding into y) that the third matrix does not grow,
 # shrinks to b / 1.5 against it. Reasoned, not measured.
@@ -100,7 +102,7 @@ def choose_path(layer, *, device: torch.device, dtype: torch.dtype, grad: bool, 
     if impl == "sparse" and plan == "static" and not grouped_ok:
         raise invalid("impl", impl, f"the static plan's grouped matmul takes at most {MAX_GROUPS} groups "
                       f"(this layer has {layer.n_blocks} blocks) in bf16 on a GPU that supports it; "
-                      "use larger blocks (block_size), or impl 'full' or 'auto'")
+                      "use larger blocks (units_per_block), or impl 'full' or 'auto'")
     if impl != "auto":
         return {"sparse": "grouped", "rows": "gather"}.get(impl, impl) if plan == "static" else impl
 
@@ -112,7 +114,8 @@ def choose_path(layer, *, device: torch.device, dtype: torch.dtype, grad: bool, 
     if not grad and (tokens * fraction <= DECODE_LIMIT[plan] or tokens == 1 and plan == "host"):
         return "rows" if plan == "host" else "gather"
     a, b = SPARSE_COST["compiled-cpu" if plan == "static" and planned_device(device) == "cpu" else plan]
-    if fraction * (a + b / (layer.block_size * layer.matrices / 2)) <= 1 and (plan == "host" or grouped_ok):
+    block = layer.units_per_block * layer.matrices / 2  # B, times 1.5 for a GLU (see SPARSE_COST)
+    if fraction * (a + b / block) <= 1 and (plan == "host" or grouped_ok):
         return "sparse" if plan == "host" else "grouped"
     return "full" if full_ok else "masked"
 

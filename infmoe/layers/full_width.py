@@ -36,9 +36,9 @@ the pre-activation and the gated hidden (two (T, H) tensors, as a dense MLP's au
 keeps two; the GLU's pre-activation is (T, 2H)), m̄ (T, n_blocks) and, for K > 1 with
 the sigmoid gate, each sample's selection packed eight blocks to a byte (K, T,
 ⌈n_blocks / 8⌉). Backward recomputes each m_k from
-z_k with one small matmul and that selection; no second topk. At d = 768, H = 6144 per
-unit, N = 50%, 512 tokens it saves 78 MB at K = 1 and 86 MB at K = 16 (weights included),
-where K float gate maps would take 269 MB. The reference it must equal is
+z_k with one small matmul and that selection; no second topk. What it saves per K:
+`infmoe bench`'s "Saved for backward" table (docs/speed.md); tests/layers/test_full_width.py
+bounds its growth with K. The reference it must equal is
 `InfiniteMoE.masked_ffn` fed by `InfiniteMoE.select` (tests/layers/test_full_width.py).
 
 Nothing here reads tensor data on the host or keeps Python state across calls under
@@ -97,8 +97,8 @@ class FullWidthFFN(torch.autograd.Function):
         routed = sigmoid and k > 1 and any(ctx.needs_input_grad[1:4])  # backward needs each m_k
         mean_gate = z.new_zeros(t, n_blocks)  # kept for backward
         union = scratch("full_width.union", (t, n_blocks), z.dtype, z.device).zero_()
-        # each sample's selection, eight blocks a byte (filled in place: torch.stack of a
-        # few small tensors costs ~20 ms on 2 CPU threads in torch 2.13)
+        # each sample's selection, eight blocks a byte (filled in place: a torch.stack of
+        # the K pieces would allocate and copy them once more)
         selections = z.new_empty((k, t, -(-n_blocks // 8)), dtype=torch.uint8) if routed else None
         for i in range(k):  # K is a Python int: a compiler unrolls the loop
             scores = torch.addmm(score_b, z[i], score_w.t(),
@@ -196,7 +196,7 @@ def _ones_like(u: torch.Tensor) -> torch.Tensor:
 
 def _scatter_ones(out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """1 into out (rows, n_blocks) at index (rows, n), in place. A scatter from an expanded
-    source runs ~2.5x faster on the CPU than one of a scalar value."""
+    source runs faster on the CPU than one of a scalar value."""
     return out.scatter_(1, index, out.new_ones(1, 1).expand(index.shape))
 
 
@@ -227,7 +227,7 @@ def _unpack_bits(packed: torch.Tensor, n_blocks: int, dtype: torch.dtype) -> tor
     """uint8 (T, ⌈n_blocks / 8⌉) → 0/1 of `dtype` (T, n_blocks): `_pack_bits` undone, by
     looking each byte's eight values up in a 256-row table: one gather, no arithmetic per
     bit, and a float mask that multiplies at full vector speed (a bool mask, through
-    masked_fill or a mixed-dtype multiply, costs 4x more on the CPU)."""
+    masked_fill or a mixed-dtype multiply, costs more on the CPU)."""
     t, n_bytes = packed.shape
     device = packed.device
     table = ((torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1).to(dtype)

@@ -60,14 +60,12 @@ from infmoe.layers.base import at_least_fp32
 
 # Largest (rows, d) temporary a chunk may allocate, on CPU; a chunk holds one group at least.
 # Two reasons. Memory: the gathered rows are d / B times the size of the hidden activations,
-# so unchunked they would dominate the peak (fwd+bwd peak at the gpt2-small shape, B = 256:
-# 202 MB in one chunk, 105 MB with 16 MiB chunks, 82 MB with 4 MiB; the dense MLP of equal
-# active width: 92 MB).
+# so unchunked they would dominate the peak (the sparse rows' peak MB against the dense MLP
+# of equal active width: docs/speed.md's layer table, from `infmoe bench`).
 # Speed: glibc serves allocations above its mmap threshold (32 MiB at most) with fresh pages,
-# and first-touch page faults made one 75 MB gather cost 5x its copy time on the 2-core
-# benchmark machine, while freed memory below the threshold is reused. Time was the same for
-# 2-16 MiB within the noise of that machine. On CUDA the caching allocator makes the speed
-# reason moot and one launch is better: one chunk there (of at most MAX_GROUPS groups).
+# whose first-touch page faults can cost more than the copy into them, while freed memory
+# below the threshold is reused. On CUDA the caching allocator makes the speed reason moot
+# and one launch is better: one chunk there (of at most MAX_GROUPS groups).
 CHUNK_BYTES = 4 * 2**20
 
 # Groups one grouped-matmul call may hold: the sm90 CUTLASS kernel behind torch._grouped_mm
@@ -558,7 +556,7 @@ def grouped_ffn_static(
     n_groups = w1.shape[0]
     if n_groups > MAX_GROUPS:
         raise ConfigError(f"the static grouped path got {n_groups} groups: torch._grouped_mm takes at most "
-                          f"{MAX_GROUPS} per call; use larger blocks (block_size) or impl='full'")
+                          f"{MAX_GROUPS} per call; use larger blocks (units_per_block) or impl='full'")
     order = group.argsort(stable=True)
     group = group[order]
     # offs[i] = rows of groups <= i: where group i's run ends in the sorted rows

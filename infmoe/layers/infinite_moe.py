@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from infmoe.deprecation import renamed, renamed_keywords
 from infmoe.errors import InfmoeError, choose, divisor, flag, invalid, positive_int, real
 from infmoe.layers.activation import in_rows
 from infmoe.layers.adaptive import adaptive_keep, adaptive_select
@@ -59,7 +60,8 @@ class InfiniteMoE(FFNLayer):
             hidden units the mask selects from (gated units where glu).
         d_z: dimension of the continuous expert index z.
         active_fraction: N, the fraction of blocks each sample keeps, in (0, 1].
-        block_size: B, hidden units per block; H must be divisible by B. 1 = per unit.
+        units_per_block: B, hidden units per block; H must be divisible by B. 1 = per
+            unit. (Formerly block_size, which still works: `RENAMED_OPTIONS`.)
         n_samples: K, samples of z averaged per token (mode "sample"); changeable later.
         mode: "sample" draws z ~ p(z|x); "mean" uses z = μ(x) (deterministic, one mask);
             "adaptive" lets each token choose its own K up to n_samples (`layers.adaptive`).
@@ -90,6 +92,11 @@ class InfiniteMoE(FFNLayer):
             dense baseline (`DenseMLP`) is GELU, so a SiLU MLP would be compared with nothing.
     """
 
+    # Options under their old names ({old: new}), still accepted with a one-line warning:
+    # "block_size" read as the context length to anyone from nanoGPT.
+    RENAMED_OPTIONS = {"block_size": "units_per_block"}
+
+    @renamed_keywords(RENAMED_OPTIONS, "the ffn='infmoe' option")
     def __init__(
         self,
         d_model: int,
@@ -97,7 +104,7 @@ class InfiniteMoE(FFNLayer):
         *,
         d_z: int,
         active_fraction: float = 0.5,
-        block_size: int = 1,
+        units_per_block: int = 1,
         n_samples: int = 1,
         mode: str = "sample",
         gate: str = "sigmoid",
@@ -113,8 +120,8 @@ class InfiniteMoE(FFNLayer):
     ) -> None:
         super().__init__(positive_int("d_model", d_model), positive_int("d_hidden", d_hidden))
         self.d_z = positive_int("d_z", d_z)
-        self.block_size = divisor("block_size", block_size, d_hidden, "d_hidden")
-        self.n_blocks = d_hidden // block_size
+        self.units_per_block = divisor("units_per_block", units_per_block, d_hidden, "d_hidden")
+        self.n_blocks = d_hidden // units_per_block
         self.active_fraction = real("active_fraction", active_fraction, low=0, high=1, open_low=True)
         self.n_kept = count_kept(active_fraction, self.n_blocks)
         self.gate = choose("gate", gate, GATES)
@@ -158,6 +165,12 @@ class InfiniteMoE(FFNLayer):
     def matrices(self) -> int:
         """Weight rows a hidden unit owns: 2 (an input and an output row), 3 for the GLU."""
         return 3 if self.glu else 2
+
+    @property
+    def block_size(self) -> int:
+        """The old name of `units_per_block` (warns once)."""
+        renamed("InfiniteMoE.block_size", "InfiniteMoE.units_per_block")
+        return self.units_per_block
 
     # The router's options, readable on the layer whose options they are.
     @property
@@ -344,16 +357,17 @@ class InfiniteMoE(FFNLayer):
         })
 
     @torch.no_grad()
-    def sample_disagreement(self, route: Route | torch.Tensor, sigma: torch.Tensor | None = None,
+    def sample_disagreement(self, route: Route, *,
                             score: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """p(z | x) as a `Route`, or (μ, σ) each (T, d_z) of one Gaussian → scalar:
-        1 − |m₁ ∩ m₂| / |m₁| for two independent samples of the same token, averaged over
-        tokens. Whether K can matter at all: 0 when a token's samples keep the same blocks,
-        1 − N for two unrelated masks. Measured on at most `DISAGREEMENT_TOKENS` tokens
-        spread over the batch, with draws from a generator of its own, so the run's random
-        stream does not change. score: the score map's (weight, bias), default this layer's."""
+        """p(z | x) of T tokens (`route`, e.g. ``layer.route(x)``; from μ, σ each (T, d_z):
+        ``Route.gaussian(mu, sigma)``) → scalar: 1 − |m₁ ∩ m₂| / |m₁| for two independent
+        samples of the same token, averaged over tokens. Whether K can matter at all: 0 when
+        a token's samples keep the same blocks, 1 − N for two unrelated masks. Measured on
+        at most `DISAGREEMENT_TOKENS` tokens spread over the batch, with draws from a
+        generator of its own, so the run's random stream does not change. score: the score
+        map's (weight, bias), default this layer's."""
         if not isinstance(route, Route):
-            route = Route(route.unsqueeze(1), sigma.unsqueeze(1), None)
+            raise TypeError("sample_disagreement takes a Route: layer.route(x), or Route.gaussian(mu, sigma)")
         t = route.mu.shape[0]
         if t == 0:
             return route.mu.new_zeros(())

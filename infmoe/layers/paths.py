@@ -70,16 +70,16 @@ def run_selected(path: str, layer, x: torch.Tensor, index: torch.Tensor, gate: t
 
 def masked(layer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The reference: the whole large FFN, then the mask m̄ (T, n_blocks)."""
-    h = hidden(F.linear(x, layer.w_in, layer.b_in), layer.block_size, layer.glu_activation)
+    h = hidden(F.linear(x, layer.w_in, layer.b_in), layer.units_per_block, layer.glu_activation)
     # The fp32 mask would promote a bf16 h (under autocast) to a second, fp32 (T, H).
-    h = (h.view(-1, layer.n_blocks, layer.block_size) * mask.to(h.dtype).unsqueeze(-1)).flatten(1)
+    h = (h.view(-1, layer.n_blocks, layer.units_per_block) * mask.to(h.dtype).unsqueeze(-1)).flatten(1)
     return h @ layer.w_out + layer.b_out
 
 
 def _block_weights(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w_in as (n_blocks, d, R) (a transposed view), b_in (n_blocks, R), w_out (n_blocks, B,
     d), for the R = B input rows of a block (2B for the GLU)."""
-    g, b, d = layer.n_blocks, layer.block_size, layer.d_model
+    g, b, d = layer.n_blocks, layer.units_per_block, layer.d_model
     r = in_rows(b, layer.glu_activation)
     return layer.w_in.view(g, r, d).transpose(1, 2), layer.b_in.view(g, r), layer.w_out.view(g, b, d)
 
@@ -114,7 +114,7 @@ def gather(layer, x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> t
     under autocast would read them twice)."""
     with torch.autocast(x.device.type, enabled=False):
         k, t, n = index.shape
-        b = layer.block_size
+        b = layer.units_per_block
         weight = gate.transpose(0, 1).unsqueeze(-1).expand(t, k, n, b).reshape(t, k * n * b)
         x = x.to(layer.w_in.dtype)
         glu = layer.glu_activation

@@ -40,6 +40,12 @@ class Route(NamedTuple):
     sigma: torch.Tensor
     log_pi: torch.Tensor | None
 
+    @classmethod
+    def gaussian(cls, mu: torch.Tensor, sigma: torch.Tensor) -> Route:
+        """One Gaussian N(μ, diag σ²) per token from mu, sigma (T, d_z): the paper's router,
+        or the moment-matched Gaussian of a mixture (`moments`)."""
+        return cls(mu.unsqueeze(1), sigma.unsqueeze(1), None)
+
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean and standard deviation of p(z | x), each (T, d_z)."""
         if self.log_pi is None:

@@ -11,8 +11,8 @@ of the hidden units needs only the rows of U.
   thread, so a token's rows are split into one bag per thread and summed.
 - Input projection: a_u = w_in[u] · x + b_in[u] (the GLU's 2B rows of each block). No
   PyTorch op gathers rows into dot products without writing them out first, and a gather
-  of the chosen rows ran at the same speed as reading all of them through `w_in @ [x, 0]ᵀ`:
-  a gemm with two right-hand columns, which MKL runs on both threads (its matrix-vector
+  of the chosen rows was no faster than reading all of them through `w_in @ [x, 0]ᵀ`:
+  a gemm with two right-hand columns, which MKL runs on all threads (its matrix-vector
   product, what a dense MLP's `F.linear` does for one token, runs on one). The whole
   product is also one call instead of a dozen, which matters on a shared machine. So all
   rows are read, then the chosen ones picked.

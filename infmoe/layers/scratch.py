@@ -1,9 +1,9 @@
 """Reusable scratch tensors for temporaries on the CPU.
 
 glibc serves every allocation above its mmap threshold (32 MiB at most) with fresh pages
-from the kernel and returns them on free, so a (2048, 6144) float temporary costs ~15 ms
-of page faults each time it is made, often more than the arithmetic that fills it (a
-`torch.ge` into a fresh tensor: 23 ms; into a reused one: 4 ms, 2 CPU threads). The fast
+from the kernel and returns them on free, so a large temporary (a (2048, 6144) float is
+48 MiB) pays a page fault per page each time it is made, which can cost more than the
+arithmetic that fills it (an elementwise op such as `torch.ge`). The fast
 paths therefore write temporaries that do not outlive the call (never tensors saved for
 backward or returned) into buffers kept here, one per name and thread, grown to the
 largest size asked for. On CUDA the caching allocator already reuses memory, and under

@@ -25,7 +25,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-glu": dict(_TINY, ffn="glu"),
     # Blocks of 64 units (24 blocks, 12 kept per sample) so that training takes the block-sparse
     # path; per-unit routing computes the whole large FFN (docs/speed.md, docs/configs.md).
-    "tiny-infmoe": dict(_TINY, ffn="infmoe", ffn_options=dict(d_z=16, block_size=64)),
+    "tiny-infmoe": dict(_TINY, ffn="infmoe", ffn_options=dict(d_z=16, units_per_block=64)),
     "tiny-moe": dict(_TINY, ffn="moe", ffn_options=dict(n_experts=8, top_k=4)),
     "gpt2-small-dense": dict(_GPT2_SMALL, ffn="dense"),
     "gpt2-small-glu": dict(_GPT2_SMALL, ffn="glu"),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from infmoe.errors import ConfigError, choose, divisor, invalid, positive_int, real
-from infmoe.layers import FFN_TYPES, FFNLayer, build_ffn, ffn_option_names
+from infmoe.layers import FFN_TYPES, FFNLayer, build_ffn, current_option_names, ffn_option_names
 from infmoe.layers.base import at_least_fp32
 
 
@@ -30,7 +30,15 @@ class GPTConfig:
     ffn_every: the configured FFN sits in blocks n-1, 2n-1, ...; the others keep a dense
         MLP of width 4 · d_model. 1 means every block.
     ffn_options: keyword options of the FFN class (e.g. d_z, n_experts); see
-        `infmoe.layers.ffn_option_names`.
+        `infmoe.layers.ffn_option_names`. A renamed option's old name (block_size, now
+        units_per_block) is read as the new one, so configs and checkpoints written before
+        the rename load; the config then holds the new name.
+
+    Fields and FFN options share one flat namespace of overrides (`replace`, ``--key
+    value``): a key that is a field sets the field, any other key must be an option of the
+    FFN. No FFN option may be named like a field (or a training setting), which
+    tests/models/test_configs.py checks for every variant: that is why the GLU switch of
+    the routed layers is ``glu``, not ``ffn``.
     """
 
     vocab_size: int = 50257
@@ -54,6 +62,7 @@ class GPTConfig:
             positive_int("d_hidden", self.d_hidden)
         if not isinstance(self.ffn_options, dict):
             raise invalid("ffn_options", self.ffn_options, "must be a mapping of option: value")
+        self.ffn_options = current_option_names(self.ffn, self.ffn_options)
         real("dropout", self.dropout, low=0, high=0.99)
         real("init_std", self.init_std, low=0, open_low=True)
         with torch.device("meta"):  # validates every FFN option at no memory cost
@@ -86,16 +95,21 @@ class GPTConfig:
         ffn = overrides.get("ffn", self.ffn)
         choose("ffn", ffn, FFN_TYPES)
         options = dict(self.ffn_options) if ffn == self.ffn else {}
-        options.update(overrides.pop("ffn_options", None) or {})
+        given = overrides.pop("ffn_options", None) or {}
+        if not isinstance(given, dict):
+            raise invalid("ffn_options", given, "must be a mapping of option: value")
+        options.update(current_option_names(ffn, given))
         allowed = ffn_option_names(ffn)
-        for key in [k for k in overrides if k not in fields]:
+        not_fields = current_option_names(ffn, {k: v for k, v in overrides.items() if k not in fields})
+        for key, value in not_fields.items():
             if key not in allowed:
                 raise ConfigError(
                     f"unknown config key {key!r}: use one of {', '.join(sorted(fields - {'ffn_options'}))}"
                     f" or an option of ffn={ffn!r} ({', '.join(allowed) or 'none'})"
                 )
-            options[key] = overrides.pop(key)
-        return dataclasses.replace(self, **overrides, ffn_options=options)
+            options[key] = value
+        fields_given = {k: v for k, v in overrides.items() if k in fields}
+        return dataclasses.replace(self, **fields_given, ffn_options=options)
 
 
 @dataclass

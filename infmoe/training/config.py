@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from infmoe.errors import ConfigError, choose, invalid, positive_int, real, seed_int
-from infmoe.layers import ffn_option_names
+from infmoe.layers import current_option_names, ffn_option_names
 from infmoe.models import GPTConfig, get_config
 
 
@@ -102,6 +102,7 @@ def resolve(overrides: dict[str, Any]) -> tuple[TrainConfig, GPTConfig]:
     train_fields, model_fields = partition_settings(overrides)
     train = TrainConfig(**train_fields)
     ffn = model_fields.get("ffn", get_config(train.config).ffn)
+    model_fields = current_option_names(ffn, model_fields)  # an option's old name is its new one
     allowed = {f.name for f in dataclasses.fields(GPTConfig)} | set(ffn_option_names(ffn))
     for key in model_fields:
         if key not in allowed:

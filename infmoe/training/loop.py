@@ -24,7 +24,7 @@ from infmoe.checkpoint import Checkpoint, check_finite, load_checkpoint, save_ch
 from infmoe.data import prepare, unigram_loss
 from infmoe.device import autocast_for, pick_device
 from infmoe.errors import CheckpointError, ConfigError, InfmoeError
-from infmoe.evaluation.perplexity import eval_batches, evaluate_loss, perplexity
+from infmoe.evaluation import eval_batches, evaluate_loss, perplexity
 from infmoe.io import OutputError, check_writable, folder_lock, remove_stale_temporaries
 from infmoe.loading import load_model_and_tokenizer
 from infmoe.models import GPT, GPTConfig

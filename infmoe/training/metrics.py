@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from infmoe.errors import InfmoeError
+from infmoe.errors import ConfigError, InfmoeError
 from infmoe.io import write_errors, write_failure, write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -77,6 +77,23 @@ def read_curve(path: Path) -> dict[str, list[float]]:
             if source in row:
                 curve.setdefault(name, []).append(row[source])
     return curve
+
+
+def sigma_curve(run_dir: str | Path) -> dict[str, list[float]]:
+    """σ over training from `run_dir`'s metrics.jsonl: steps, ``sigma_mean`` (the mean over
+    layers that training logs) and ``sigma_over_mu`` where logged. {} when no logged step
+    has σ (a run that has logged nothing yet, or one without ∞-MoE layers): a valid state,
+    plotted as no curve. A `ConfigError` when the folder holds no metrics.jsonl, and
+    `read_metrics`'s one-line `MetricsError` when the log is damaged or not ours."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(f"--run {run_dir} holds no {METRICS_FILE}: give the --out_dir folder of an infmoe train run")
+    curve = read_curve(path)
+    steps = curve["step"]
+    if not steps or len(curve.get("sigma_mean", [])) != len(steps):
+        return {}
+    keep = [name for name in ("sigma_mean", "sigma_over_mu") if len(curve.get(name, [])) == len(steps)]
+    return {"step": steps, **{name: curve[name] for name in keep}}
 
 
 class MetricsLog:

@@ -8,7 +8,8 @@ import yaml
 from infmoe.cli import main
 from infmoe.errors import ConfigError
 from infmoe.experiments import load_spec
-from infmoe.experiments.runner import bigram_loss, spikes, training_minutes
+from infmoe.data.tokens import bigram_loss
+from infmoe.experiments.stats import spikes, training_minutes
 from infmoe.training.metrics import read_curve
 
 
@@ -81,7 +82,7 @@ def test_a_run_is_evaluated_where_and_as_it_trained(tmp_path, corpus, cache_dir)
                                                                            "precision": "bf16", "device": "cpu"}},
                                 report=[]))
     (job,) = spec.jobs
-    from infmoe.experiments.runner import run_job
+    from infmoe.experiments.job import run_job
 
     run_job(job, 512, [1], str(spec.result_path(job)))
     record = json.loads(spec.result_path(job).read_text())

@@ -91,6 +91,27 @@ def test_editing_config_json_changes_k(checkpoint, exported, ids, tmp_path):
     assert load_hf_dir(folder)[0].ffn_layers()[0].n_samples == 3
 
 
+def test_a_config_json_written_before_the_rename_loads(checkpoint, exported, ids, tmp_path, monkeypatch):
+    """Exports written before block_size was renamed units_per_block hold the old name in
+    config.json's ffn_options (docs/configs.md): the export's code and ours both read it."""
+    from infmoe.deprecation import RenamedWarning
+    from infmoe.hf import export_hf
+
+    monkeypatch.setattr("infmoe.deprecation._warned", set())
+    folder = export_hf(exported("infmoe"), tmp_path / "old")
+    data = json.loads((folder / "config.json").read_text())
+    data["ffn_options"] = {**data["ffn_options"], "block_size": 1}  # the exported model's own B
+    (folder / "config.json").write_text(json.dumps(data))
+    reference = ours(checkpoint("infmoe"))
+    # the export's own copy of RenamedWarning, a FutureWarning too
+    with pytest.warns(FutureWarning, match="block_size is now units_per_block"):
+        assert max_diff(logits_seeded(reference, ids), logits_seeded(theirs(folder), ids)) <= TOL
+    with pytest.warns(RenamedWarning, match="block_size is now units_per_block"):
+        model = load_hf_dir(folder)[0]
+    assert model.config.ffn_options["units_per_block"] == 1
+    assert max_diff(logits_seeded(reference, ids), logits_seeded(model, ids)) <= TOL
+
+
 @pytest.mark.parametrize("ffn", ["dense", "glu", "moe", "moe-glu-shared", "infmoe"])
 def test_greedy_generate_equals_ours(ffn, checkpoint, exported, ids):
     model = theirs(exported(ffn))

@@ -50,10 +50,10 @@ def inputs(dtype, k: int, t: int = T, repeat_noise: bool = False, device="cpu"):
     return x.to(device), dy.to(device), noise.to(device)
 
 
-def assert_mean_mode_with_leading_shapes_match(impl: str, block_size: int, **kw) -> None:
+def assert_mean_mode_with_leading_shapes_match(impl: str, units_per_block: int, **kw) -> None:
     """`impl` equals the masked reference in mode "mean" on (2, 5, D) inputs, fp64; kw: more
     layer options."""
-    layer = infmoe(torch.float64, block_size=block_size, mode="mean", **kw)
+    layer = infmoe(torch.float64, units_per_block=units_per_block, mode="mean", **kw)
     x = torch.randn(2, 5, D, dtype=torch.float64)
     dy = torch.randn(2, 5, D, dtype=torch.float64)
     assert_same(run(layer, impl, x, dy), run(layer, "masked", x, dy), 1e-8)

@@ -15,18 +15,18 @@ def rule(layer: InfiniteMoE, plan: str, *, grad=True, tokens=4096, k=1, dtype=to
         return choose_path(layer, device=torch.device("cpu"), dtype=dtype, grad=grad, tokens=tokens, n_samples=k)
 
 
-def wide(block_size: int, **kw) -> InfiniteMoE:
-    return InfiniteMoE(64, 6144, d_z=8, block_size=block_size, **kw)
+def wide(units_per_block: int, **kw) -> InfiniteMoE:
+    return InfiniteMoE(64, 6144, d_z=8, units_per_block=units_per_block, **kw)
 
 
-@pytest.mark.parametrize("block_size,k,host,static", [
+@pytest.mark.parametrize("units_per_block,k,host,static", [
     (1, 1, "full", "full"),  # per unit: at N = 50% the dense matmuls over all of H win
     (64, 1, "sparse", "grouped"),  # blocks: only the chosen ones
     (256, 2, "sparse", "full"),  # the host computes the union (0.75 of H); the static plan K · N = all of H
     (64, 4, "full", "full"),
 ])
-def test_training_paths_per_plan(block_size, k, host, static):
-    layer = wide(block_size)
+def test_training_paths_per_plan(units_per_block, k, host, static):
+    layer = wide(units_per_block)
     assert rule(layer, "cpu", k=k) == host
     assert rule(layer, "cuda", k=k, dtype=torch.bfloat16) == static
 
@@ -62,16 +62,16 @@ def test_forced_paths_that_cannot_run_raise_instead_of_being_remapped():
 
 def test_auto_never_plans_more_groups_than_a_grouped_matmul_takes():
     # 2048 blocks of 3 units, K = 1: sparse would pay by the cost model, but not in one call
-    layer = InfiniteMoE(64, 6144, d_z=8, block_size=3, active_fraction=0.05)
+    layer = InfiniteMoE(64, 6144, d_z=8, units_per_block=3, active_fraction=0.05)
     assert rule(layer, "cpu") == "sparse"
     assert rule(layer, "cuda") == "full"
 
 
 @pytest.mark.parametrize("plan", ["cpu", "cuda"])
-@pytest.mark.parametrize("block_size,k,grad", [(1, 1, True), (4, 1, True), (4, 2, True), (1, 1, False),
+@pytest.mark.parametrize("units_per_block,k,grad", [(1, 1, True), (4, 1, True), (4, 2, True), (1, 1, False),
                                                (4, 3, False)])
-def test_the_path_named_is_the_path_that_ran(plan, block_size, k, grad):
-    layer = infmoe(torch.float32, block_size=block_size)
+def test_the_path_named_is_the_path_that_ran(plan, units_per_block, k, grad):
+    layer = infmoe(torch.float32, units_per_block=units_per_block)
     x, _, noise = inputs(torch.float32, k, t=1 if not grad else 37)
     with plan_device(plan), torch.set_grad_enabled(grad):
         named = choose_path(layer, device=x.device, dtype=x.dtype, grad=grad, tokens=x.shape[0], n_samples=k)
@@ -85,7 +85,7 @@ def test_the_path_named_is_the_path_that_ran(plan, block_size, k, grad):
 @pytest.mark.parametrize("impl", ["full", "sparse"])
 def test_cudas_plan_equals_the_reference_on_any_device(device, dtype, impl, k, glu):
     """The static plan's paths, forced, against "masked": the same numbers as the host's."""
-    layer = infmoe(dtype, device, block_size=4, glu=glu)
+    layer = infmoe(dtype, device, units_per_block=4, glu=glu)
     x, dy, noise = inputs(dtype, k, repeat_noise=True, device=device)
     ref = run(layer, "masked", x, dy, noise=noise)
     with plan_device("cuda"):
@@ -97,7 +97,7 @@ def test_cudas_plan_equals_the_reference_on_any_device(device, dtype, impl, k, g
 @pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("k", [1, 4])
 def test_static_decoding_gathers_the_references_output(device, k, glu):
-    layer = infmoe(torch.float64, device, block_size=4, glu=glu)
+    layer = infmoe(torch.float64, device, units_per_block=4, glu=glu)
     x, _, noise = inputs(torch.float64, k, t=3, device=device)
     with torch.no_grad():
         layer.impl = "masked"
@@ -124,7 +124,7 @@ def test_static_decoding_reads_nothing_on_the_host(k, glu):
     path has, nothing data-dependent at all; the host plan's rows path is seen reading."""
     from dispatch_count import count_data_dependent_ops
 
-    layer = infmoe(torch.float32, block_size=4, n_samples=k, active_fraction=0.25, glu=glu).eval()  # K N < 1
+    layer = infmoe(torch.float32, units_per_block=4, n_samples=k, active_fraction=0.25, glu=glu).eval()  # K N < 1
     x = inputs(torch.float32, k, t=1)[0]
     with torch.no_grad(), plan_device("cuda"):
         assert not count_data_dependent_ops(lambda: layer(x))

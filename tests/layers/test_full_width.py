@@ -19,9 +19,9 @@ from paths import GLU, TOL, assert_mean_mode_with_leading_shapes_match, assert_s
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gate", ["sigmoid", "constant"])
 @pytest.mark.parametrize("k", [1, 2, 4])
-@pytest.mark.parametrize("block_size", [1, 3, 4])
-def test_full_equals_masked(dtype, gate, k, block_size, glu):
-    layer = infmoe(dtype, block_size=block_size, gate=gate, glu=glu)
+@pytest.mark.parametrize("units_per_block", [1, 3, 4])
+def test_full_equals_masked(dtype, gate, k, units_per_block, glu):
+    layer = infmoe(dtype, units_per_block=units_per_block, gate=gate, glu=glu)
     x, dy, noise = inputs(dtype, k, repeat_noise=k > 1)
     ref = run(layer, "masked", x, dy, noise=noise)
     stats = dict(layer.aux.stats)
@@ -34,7 +34,7 @@ def test_full_equals_masked(dtype, gate, k, block_size, glu):
 @pytest.mark.parametrize("options", [{}, dict(glu=True), dict(glu=True, activation="gelu")],
                          ids=["mlp", "swiglu", "geglu"])
 def test_full_in_mean_mode_and_with_leading_shapes(options):
-    assert_mean_mode_with_leading_shapes_match("full", block_size=1, **options)
+    assert_mean_mode_with_leading_shapes_match("full", units_per_block=1, **options)
 
 
 def test_ties_at_the_threshold_keep_exactly_n_as_topk_does():
@@ -82,7 +82,7 @@ def test_full_width_forward_and_backward_read_nothing_on_the_host(k, glu):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_all_scores_equal_with_k_samples_matches_the_reference(k):
-    layer = infmoe(torch.float64, block_size=1)
+    layer = infmoe(torch.float64, units_per_block=1)
     with torch.no_grad():
         layer.score.weight.zero_()  # every sample of every token ties on all units
     x, dy, noise = inputs(torch.float64, k)
@@ -90,7 +90,7 @@ def test_all_scores_equal_with_k_samples_matches_the_reference(k):
 
 
 def test_all_scores_equal_still_keeps_n_and_matches_the_reference():
-    layer = infmoe(torch.float64, block_size=1, mode="mean")
+    layer = infmoe(torch.float64, units_per_block=1, mode="mean")
     with torch.no_grad():
         layer.score.weight.zero_()  # every unit scores c = 0: all tie
     x, dy, _ = inputs(torch.float64, 1)
@@ -104,7 +104,7 @@ def test_all_scores_equal_still_keeps_n_and_matches_the_reference():
 @pytest.mark.parametrize("k", [1, 3])
 def test_full_under_bf16_autocast_keeps_the_fp32_blocks(k, glu):
     torch.manual_seed(0)
-    layer = infmoe(torch.float32, d_hidden=1024, block_size=1, n_samples=k, glu=glu)
+    layer = infmoe(torch.float32, d_hidden=1024, units_per_block=1, n_samples=k, glu=glu)
     x, dy, noise = inputs(torch.float32, k, t=64)
     ref = run(layer, "full", x, dy, noise=noise)
     usage32 = layer.aux.stats["block_usage"]
@@ -192,7 +192,7 @@ def test_saved_for_backward_hardly_grows_with_k():
     saved = {}
     for k in (1, 16):
         torch.manual_seed(0)
-        layer = InfiniteMoE(16, 512, d_z=4, block_size=1, n_samples=k, impl="full")
+        layer = InfiniteMoE(16, 512, d_z=4, units_per_block=1, n_samples=k, impl="full")
         saved[k] = saved_bytes(layer, x)
     per_sample_gates = 15 * 64 * 512 * 4
     assert saved[1] + per_sample_gates > 1.25 * saved[1]  # the budget below rules that out

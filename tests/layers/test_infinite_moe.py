@@ -4,10 +4,12 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import infmoe
 from infmoe import GLU, ConfigError, DenseMLP, InfiniteMoE, sampling
 from infmoe.layers.adaptive import adaptive_select
+from infmoe.layers.routing import Route
 
 D, H, DZ = 8, 24, 4
 
@@ -24,7 +26,7 @@ def hidden_units(layer: InfiniteMoE, x: torch.Tensor) -> torch.Tensor:
     if not layer.glu:
         return F.gelu(layer.w_in @ x + layer.b_in, approximate="tanh")
     act = {"silu": F.silu, "gelu": lambda a: F.gelu(a, approximate="tanh")}[layer.activation]
-    b = layer.block_size
+    b = layer.units_per_block
     gate_row = [2 * b * (u // b) + u % b for u in range(layer.d_hidden)]
     up_row = [r + b for r in gate_row]
     pre = layer.w_in @ x + layer.b_in
@@ -50,19 +52,19 @@ def reference(layer: InfiniteMoE, x: torch.Tensor, noise: torch.Tensor) -> torch
                 "constant": torch.ones(len(kept), dtype=x.dtype),
             }[layer.gate]
             for b, gate in zip(kept, gates):
-                for u in range(b * layer.block_size, (b + 1) * layer.block_size):
+                for u in range(b * layer.units_per_block, (b + 1) * layer.units_per_block):
                     unit_weight[u] += gate / k_samples
         out[t] = layer.w_out.T @ (unit_weight * hidden_units(layer, x[t])) + layer.b_out
     return out
 
 
 @pytest.mark.parametrize(
-    "d_hidden,block_size,fraction",
+    "d_hidden,units_per_block,fraction",
     [(24, 1, 0.5), (24, 4, 0.5), (24, 3, 0.3), (10, 1, 0.3), (24, 1, 1.0), (24, 6, 0.01), (24, 2, 0.7)],
 )
-def test_keeps_exactly_ceil_fraction_of_blocks_per_sample(d_hidden, block_size, fraction):
-    layer = make(d_hidden=d_hidden, block_size=block_size, active_fraction=fraction)
-    n_blocks = d_hidden // block_size
+def test_keeps_exactly_ceil_fraction_of_blocks_per_sample(d_hidden, units_per_block, fraction):
+    layer = make(d_hidden=d_hidden, units_per_block=units_per_block, active_fraction=fraction)
+    n_blocks = d_hidden // units_per_block
     expected = math.ceil(Fraction(fraction).limit_denominator(1000) * n_blocks)
     assert layer.n_kept == expected
     x = torch.randn(50, D, dtype=torch.float64)
@@ -80,7 +82,7 @@ def test_float_noise_does_not_inflate_the_kept_count():
 
 
 def test_k_sample_output_is_mean_of_one_sample_outputs_with_same_noise():
-    layer = make(d_hidden=H, block_size=2)
+    layer = make(d_hidden=H, units_per_block=2)
     x = torch.randn(2, 7, D, dtype=torch.float64)
     noise = torch.randn(4, 2, 7, DZ, dtype=torch.float64)
     together = layer(x, noise)
@@ -96,10 +98,10 @@ FFN_OPTIONS = dict(argvalues=[{}, dict(glu=True), dict(glu=True, activation="gel
 @pytest.mark.parametrize("options", **FFN_OPTIONS)
 @pytest.mark.parametrize("impl", ["sparse", "masked"])
 @pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
-@pytest.mark.parametrize("block_size", [1, 4])
+@pytest.mark.parametrize("units_per_block", [1, 4])
 @pytest.mark.parametrize("k", [1, 3])
-def test_matches_slow_per_unit_reference(block_size, k, gate, impl, options):
-    layer = make(block_size=block_size, gate=gate, impl=impl, **options)
+def test_matches_slow_per_unit_reference(units_per_block, k, gate, impl, options):
+    layer = make(units_per_block=units_per_block, gate=gate, impl=impl, **options)
     assert layer.uses_sparse(k) == (impl == "sparse")
     x = torch.randn(6, D, dtype=torch.float64)
     noise = torch.randn(k, 6, DZ, dtype=torch.float64)
@@ -124,7 +126,7 @@ def test_constant_gate_reference_and_full_fraction_equals_dense_mlp_of_width_h()
 def test_glu_with_every_block_kept_and_a_constant_gate_is_the_dense_glu_of_width_h(activation):
     """The layout, checked against `GLU` (gate rows, then up rows, over all of H): block b's
     2B rows of w_in are its B gate rows, then its B up rows."""
-    layer = make(active_fraction=1.0, gate="constant", block_size=4, glu=True, activation=activation)
+    layer = make(active_fraction=1.0, gate="constant", units_per_block=4, glu=True, activation=activation)
     dense = GLU(D, H, activation=activation).double()
     with torch.no_grad():  # the init leaves the biases zero, which would hide their layout
         layer.b_in.normal_(0.0, 0.5)
@@ -146,9 +148,9 @@ def test_active_parameters_and_flops_count_a_built_layers_parameters(options):
     """Exact accounting: with every block kept a token touches every parameter; at N a
     unit costs its rows of w_in and w_out and their biases, 2 d + 1 numbers (3 d + 2 for
     the GLU), and its matrices 2 · (2 or 3) · d FLOPs."""
-    whole = make(active_fraction=1.0, block_size=4, **options)
+    whole = make(active_fraction=1.0, units_per_block=4, **options)
     assert whole.active_parameters() == sum(p.numel() for p in whole.parameters())
-    layer = make(block_size=4, **options)  # 6 blocks, 3 kept
+    layer = make(units_per_block=4, **options)  # 6 blocks, 3 kept
     unit = (layer.w_in.numel() + layer.b_in.numel() + layer.w_out.numel()) / H
     assert unit == (3 * D + 2 if layer.glu else 2 * D + 1)
     rest = sum(p.numel() for p in layer.parameters()) - H * unit
@@ -180,14 +182,14 @@ def test_default_tiny_infmoe_layer_is_todays_layer():
     top = scores.topk(layer.n_kept, dim=-1)
     mask = torch.zeros_like(scores).scatter(1, top.indices, torch.sigmoid(top.values))
     hidden = F.gelu(x @ layer.w_in.T + layer.b_in, approximate="tanh")
-    expected = (mask.repeat_interleave(layer.block_size, 1) * hidden) @ layer.w_out + layer.b_out
+    expected = (mask.repeat_interleave(layer.units_per_block, 1) * hidden) @ layer.w_out + layer.b_out
     for impl in ("auto", "masked", "full", "sparse"):
         layer.impl = impl
         torch.testing.assert_close(layer(x, noise), expected, rtol=0, atol=1e-12, msg=impl)
 
 
 def test_gradients_reach_mu_sigma_and_score_map():
-    layer = make(block_size=3, n_samples=2)
+    layer = make(units_per_block=3, n_samples=2)
     layer(torch.randn(10, D, dtype=torch.float64)).square().sum().backward()
     mu_rows, sigma_rows = layer.router.weight.grad[:DZ], layer.router.weight.grad[DZ:]
     for name, grad in [("mu", mu_rows), ("sigma", sigma_rows), ("score.weight", layer.score.weight.grad),
@@ -260,7 +262,7 @@ def chosen_by_sets(index: torch.Tensor, n_blocks: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_stats_describe_the_last_call(k):
-    layer = make(block_size=2, n_samples=k)
+    layer = make(units_per_block=2, n_samples=k)
     x = torch.randn(40, D, dtype=torch.float64)
     noise = torch.randn(k, 40, DZ, dtype=torch.float64)
     layer(x, noise)
@@ -275,7 +277,7 @@ def test_stats_describe_the_last_call(k):
 
 
 def test_sample_disagreement_is_the_share_of_blocks_two_samples_do_not_share():
-    layer = make(block_size=2)
+    layer = make(units_per_block=2)
     x = torch.randn(40, D, dtype=torch.float64)
     layer(x)
     stats = layer.aux.stats
@@ -291,10 +293,12 @@ def test_sample_disagreement_is_the_share_of_blocks_two_samples_do_not_share():
 
 
 def test_sample_disagreement_spans_collapsed_to_unrelated_samples():
-    layer = make(d_hidden=128, block_size=1)
+    layer = make(d_hidden=128, units_per_block=1)
     mu = torch.randn(200, DZ, dtype=torch.float64)
-    assert layer.sample_disagreement(mu, torch.full_like(mu, 1e-9)).item() == 0  # σ collapsed: K buys nothing
-    noise_only = layer.sample_disagreement(torch.zeros_like(mu), torch.full_like(mu, 1e3)).item()
+    collapsed = Route.gaussian(mu, torch.full_like(mu, 1e-9))
+    assert layer.sample_disagreement(collapsed).item() == 0  # σ collapsed: K buys nothing
+    noise_only = layer.sample_disagreement(Route.gaussian(torch.zeros_like(mu), torch.full_like(mu, 1e3)))
+    noise_only = noise_only.item()
     assert noise_only == pytest.approx(1 - layer.n_kept / layer.n_blocks, abs=0.03)  # two unrelated masks
 
 
@@ -308,7 +312,7 @@ def test_sample_disagreement_leaves_the_random_stream_alone():
 
 
 def test_mu_norm_routes_with_mu_at_the_priors_scale():
-    plain, normed = make(block_size=2), make(block_size=2, mu_norm=True)  # same weights
+    plain, normed = make(units_per_block=2), make(units_per_block=2, mu_norm=True)  # same weights
     x = torch.randn(30, D, dtype=torch.float64) * 50  # a large μ, as trained routers grow
     raw_mu, raw_sigma = F.linear(x, plain.router.weight, plain.router.bias).chunk(2, dim=-1)
     mu, sigma = plain.router_distribution(x)
@@ -322,13 +326,14 @@ def test_mu_norm_routes_with_mu_at_the_priors_scale():
     expected = scores.topk(normed.n_kept, dim=-1).indices.sort(-1).values
     assert torch.equal(normed.select(x, noise).index.sort(-1).values, expected)
     # relative to μ, the same σ is now far more noise: two samples disagree more
-    assert normed.sample_disagreement(mu_n, sigma_n) > plain.sample_disagreement(mu, sigma)
+    assert normed.sample_disagreement(Route.gaussian(mu_n, sigma_n)) > plain.sample_disagreement(
+        Route.gaussian(mu, sigma))
     with pytest.raises(ConfigError, match="mu_norm"):
         make(mu_norm=1)
 
 
 def test_train_samples_draw_k_for_each_training_forward_only():
-    layer = make(block_size=2, train_samples=[1, 4])
+    layer = make(units_per_block=2, train_samples=[1, 4])
     x = torch.randn(50, D, dtype=torch.float64)
     unions = set()
     for _ in range(30):
@@ -351,7 +356,7 @@ def test_recipes_off_change_nothing_bit_for_bit():
     x = torch.randn(50, D, dtype=torch.float64)
     outputs = []
     for options in ({}, dict(mu_norm=False, train_samples=(), kl_free=0.0, n_components=1)):
-        layer = make(block_size=2, n_samples=2, **options)
+        layer = make(units_per_block=2, n_samples=2, **options)
         torch.manual_seed(1)
         y = layer(x)
         y.sum().backward()
@@ -361,7 +366,7 @@ def test_recipes_off_change_nothing_bit_for_bit():
 
 
 def test_flops_per_token_counts_router_scores_and_the_blocks_computed():
-    layer = make(block_size=4)  # 6 blocks, 3 kept per sample
+    layer = make(units_per_block=4)  # 6 blocks, 3 kept per sample
     router, scores, whole = 2 * D * 2 * DZ, 2 * DZ * 6, 2 * 2 * D * H
     assert layer.flops_per_token(1) == router + scores + 0.5 * whole
     assert layer.flops_per_token(2) == pytest.approx(router + 2 * scores + 0.75 * whole)  # the union bound
@@ -374,6 +379,23 @@ def test_flops_per_token_counts_router_scores_and_the_blocks_computed():
     assert layer.flops_per_token(2, union=0.6) == pytest.approx(router + 2 * scores + 0.6 * whole)
 
 
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("impl", ["masked", "full", "sparse"])
+def test_flops_per_token_is_what_the_matmuls_of_a_forward_do(impl, glu):
+    """Against torch's count of the matmuls a training forward runs, with a mixture router
+    (C = 3 components: C · (2 d_z + 1) router outputs) and K = 2: all of H on the masked and
+    full paths, the measured union on the sparse one."""
+    layer = make(units_per_block=4, n_components=3, glu=glu, n_samples=2, impl=impl)
+    x = torch.randn(10, D, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    union = float(layer.aux.stats["union_fraction"])
+    computed = union if impl == "sparse" else 1.0
+    assert layer.aux.path == impl
+    assert counter.get_total_flops() == pytest.approx(10 * layer.flops_per_token(2, union=computed))
+    assert counter.get_total_flops() == pytest.approx(10 * layer.flops_per_token(2, union=union, executed=True))
+
+
 def test_any_leading_shape():
     layer = make()
     for shape in [(D,), (3, D), (2, 3, D), (2, 1, 3, D)]:
@@ -383,8 +405,8 @@ def test_any_leading_shape():
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        (dict(block_size=5), "block_size"),
-        (dict(block_size=0), "block_size"),
+        (dict(units_per_block=5), "units_per_block"),
+        (dict(units_per_block=0), "units_per_block"),
         (dict(active_fraction=0.0), "active_fraction"),
         (dict(active_fraction=1.5), "active_fraction"),
         (dict(active_fraction=-0.1), "active_fraction"),
@@ -441,7 +463,7 @@ def two_mode_layer(pi: tuple[float, ...], **kw) -> InfiniteMoE:
     """A mixture router whose components do not depend on x: component c has μ_c = 4 e_c
     (far apart), a tiny σ, and weight pi[c]."""
     c = len(pi)
-    layer = make(d_hidden=32, block_size=1, n_components=c, sigma_min=0.0, **kw)
+    layer = make(d_hidden=32, units_per_block=1, n_components=c, sigma_min=0.0, **kw)
     with torch.no_grad():
         layer.router.weight.zero_()
         bias = torch.full((c, 2, DZ), -30.0, dtype=torch.float64)  # pre-softplus σ → σ ≈ 1e-13
@@ -479,8 +501,9 @@ def test_mixture_samples_of_one_token_disagree_where_one_gaussian_cannot():
     mixture(x)
     stats = mixture.aux.stats
     # σ ≈ 0, so one Gaussian's two samples are one mask; the mixture's differ in half the tokens
-    assert mixture.sample_disagreement(*mixture.router_distribution(x)).item() > 0  # its moments are wide
-    single = make(d_hidden=32, block_size=1, sigma_min=0.0)
+    moments = Route.gaussian(*mixture.router_distribution(x))
+    assert mixture.sample_disagreement(moments).item() > 0  # its moments are wide
+    single = make(d_hidden=32, units_per_block=1, sigma_min=0.0)
     with torch.no_grad():
         single.router.weight.zero_()
         single.router.bias.copy_(mixture.router.bias[: 2 * DZ])
@@ -505,7 +528,7 @@ def test_mixture_kl_is_the_joint_kl_from_a_uniform_component_prior():
 
 
 def test_mixture_weights_learn_in_training_only():
-    layer = make(n_components=2, block_size=2)
+    layer = make(n_components=2, units_per_block=2)
     x = torch.randn(30, D, dtype=torch.float64)
     logits_rows = slice(2 * 2 * DZ, None)
     layer(x).square().sum().backward()
@@ -518,7 +541,7 @@ def test_mixture_weights_learn_in_training_only():
 
 @pytest.mark.parametrize("impl", ["full", "sparse", "masked"])
 def test_mixture_router_takes_every_path_alike(impl):
-    layer = make(n_components=3, block_size=2, n_samples=3)
+    layer = make(n_components=3, units_per_block=2, n_samples=3)
     x = torch.randn(25, D, dtype=torch.float64)
     noise = torch.randn(3, 25, DZ, dtype=torch.float64)
     outputs = []
@@ -530,7 +553,7 @@ def test_mixture_router_takes_every_path_alike(impl):
 
 
 def test_adaptive_keep_draws_while_samples_still_grow_the_union():
-    layer = make(d_hidden=6, block_size=1, active_fraction=1 / 3)  # 6 blocks, 2 kept
+    layer = make(d_hidden=6, units_per_block=1, active_fraction=1 / 3)  # 6 blocks, 2 kept
     index = torch.tensor([  # (K = 4, T = 3, 2)
         [[0, 1], [0, 1], [0, 1]],
         [[1, 0], [2, 3], [1, 2]],  # token 0 repeats itself; tokens 1 and 2 grow
@@ -544,7 +567,7 @@ def test_adaptive_keep_draws_while_samples_still_grow_the_union():
 
 @pytest.mark.parametrize("options", **FFN_OPTIONS)
 def test_adaptive_mode_averages_each_tokens_own_k_on_every_path(options):
-    layer = make(block_size=2, n_samples=6, sigma_min=0.3, **options)  # noise wide enough to move masks
+    layer = make(units_per_block=2, n_samples=6, sigma_min=0.3, **options)  # noise wide enough to move masks
     x = torch.randn(30, D, dtype=torch.float64)
     noise = torch.randn(6, 30, DZ, dtype=torch.float64)
     keep = layer.adaptive_keep(layer.select(x, noise).index)
@@ -569,7 +592,7 @@ def test_adaptive_mode_averages_each_tokens_own_k_on_every_path(options):
 
 
 def test_adaptive_mode_settles_at_one_samples_blocks_when_samples_agree():
-    layer = make(d_hidden=64, block_size=1, n_samples=16, sigma_min=0.0, mode="adaptive")
+    layer = make(d_hidden=64, units_per_block=1, n_samples=16, sigma_min=0.0, mode="adaptive")
     with torch.no_grad():
         layer.router.bias[DZ:] = -30.0  # σ ≈ 1e-13: a collapsed router
     x = torch.randn(40, D, dtype=torch.float64)
@@ -593,3 +616,22 @@ def test_upcycling_refuses_a_gated_infmoe():
     with pytest.raises(ConfigError) as err:
         upcycle_to_infmoe(dense, d_z=4, glu=True)
     assert str(err.value).startswith("glu=True") and "\n" not in str(err.value)
+
+
+def test_block_size_is_the_old_name_of_units_per_block(monkeypatch):
+    """`InfiniteMoE.RENAMED_OPTIONS`: the old keyword and attribute still work, each warning
+    once; the signature (the options a config may set) has the new name only."""
+    from infmoe.deprecation import RenamedWarning
+    from infmoe.layers import ffn_option_names
+
+    monkeypatch.setattr("infmoe.deprecation._warned", set())
+    with pytest.warns(RenamedWarning, match="block_size is now units_per_block"):
+        old = make(block_size=4)
+    new, x = make(units_per_block=4), torch.randn(5, D, dtype=torch.float64)
+    noise = torch.randn(1, 5, DZ, dtype=torch.float64)
+    assert old.units_per_block == 4 and torch.equal(old(x, noise), new(x, noise))
+    with pytest.warns(RenamedWarning, match="InfiniteMoE.block_size is now InfiniteMoE.units_per_block"):
+        assert old.block_size == 4
+    with pytest.raises(ConfigError, match="give only units_per_block"):
+        make(block_size=4, units_per_block=4)
+    assert "units_per_block" in ffn_option_names("infmoe") and "block_size" not in ffn_option_names("infmoe")

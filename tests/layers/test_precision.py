@@ -21,7 +21,7 @@ def bf16_autocast():
 def test_infmoe_under_bf16_autocast_keeps_the_fp32_blocks(impl, plan, monkeypatch):
     # 128 blocks, 64 kept: many near-equal scores sit at the top-N boundary.
     torch.manual_seed(0)
-    layer = InfiniteMoE(64, 1024, d_z=16, block_size=8, n_samples=2, impl=impl)
+    layer = InfiniteMoE(64, 1024, d_z=16, units_per_block=8, n_samples=2, impl=impl)
     x, noise = torch.randn(256, 64), torch.randn(2, 256, 16)
     seen = []  # (index, gate) of every call: what forward itself routed by
 
@@ -45,7 +45,7 @@ def test_infmoe_under_bf16_autocast_keeps_the_fp32_blocks(impl, plan, monkeypatc
 
 def test_infmoe_under_bf16_autocast_draws_the_noise_in_fp32():
     torch.manual_seed(0)
-    layer = InfiniteMoE(64, 1024, d_z=16, block_size=8)
+    layer = InfiniteMoE(64, 1024, d_z=16, units_per_block=8)
     x = torch.randn(256, 64)
     torch.manual_seed(1)
     fp32 = layer.select(x)

@@ -29,9 +29,9 @@ def chunking(request, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gate", ["sigmoid", "softmax", "constant"])
 @pytest.mark.parametrize("k", [1, 2, 4])
-@pytest.mark.parametrize("block_size", [4, 3, 8])
-def test_infmoe_sparse_equals_masked(dtype, gate, k, block_size, glu, chunking):
-    layer = infmoe(dtype, block_size=block_size, gate=gate, glu=glu)
+@pytest.mark.parametrize("units_per_block", [4, 3, 8])
+def test_infmoe_sparse_equals_masked(dtype, gate, k, units_per_block, glu, chunking):
+    layer = infmoe(dtype, units_per_block=units_per_block, gate=gate, glu=glu)
     x, dy, noise = inputs(dtype, k, repeat_noise=k > 1)
     ref = run(layer, "masked", x, dy, noise=noise)
     assert_same(run(layer, "sparse", x, dy, noise=noise), ref, TOL[dtype])
@@ -41,7 +41,7 @@ def test_infmoe_sparse_equals_masked(dtype, gate, k, block_size, glu, chunking):
 @pytest.mark.parametrize("glu", **GLU)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_infmoe_blocks_no_token_chose_and_a_single_token(dtype, glu):
-    layer = infmoe(dtype, block_size=4, active_fraction=0.1, glu=glu)  # 12 blocks, 2 kept per sample
+    layer = infmoe(dtype, units_per_block=4, active_fraction=0.1, glu=glu)  # 12 blocks, 2 kept per sample
     for t in (3, 1):
         x, dy, noise = inputs(dtype, 2, t=t)
         ref = run(layer, "masked", x, dy, noise=noise)
@@ -50,7 +50,7 @@ def test_infmoe_blocks_no_token_chose_and_a_single_token(dtype, glu):
 
 
 def test_infmoe_later_samples_selecting_nothing_new_cost_nothing():
-    layer = infmoe(torch.float64, block_size=4)
+    layer = infmoe(torch.float64, units_per_block=4)
     x, dy, noise = inputs(torch.float64, 4)
     layer(x, noise[:1])
     one = layer.aux.stats["union_fraction"]
@@ -61,12 +61,12 @@ def test_infmoe_later_samples_selecting_nothing_new_cost_nothing():
 
 @pytest.mark.parametrize("glu", **GLU)
 def test_infmoe_mean_mode_and_leading_shapes(glu):
-    assert_mean_mode_with_leading_shapes_match("sparse", block_size=4, glu=glu)
+    assert_mean_mode_with_leading_shapes_match("sparse", units_per_block=4, glu=glu)
 
 
 def test_infmoe_auto_rule():
-    def auto(block_size, **kw):
-        return infmoe(torch.float32, d_hidden=1024, block_size=block_size, **kw).uses_sparse()
+    def auto(units_per_block, **kw):
+        return infmoe(torch.float32, d_hidden=1024, units_per_block=units_per_block, **kw).uses_sparse()
 
     # sparse / full = u (1.05 + 37 / B) <= 1, u = 1 - (1 - N)^K
     assert [auto(64, n_samples=k) for k in (1, 2, 4, 8)] == [True, False, False, False]
@@ -82,7 +82,7 @@ def test_infmoe_auto_rule():
 
 @pytest.mark.parametrize("glu", **GLU)
 def test_infmoe_sparse_under_cpu_autocast_runs_in_bf16_with_fp32_gradients(glu):
-    layer = infmoe(torch.float32, block_size=8, glu=glu)
+    layer = infmoe(torch.float32, units_per_block=8, glu=glu)
     x, dy, noise = inputs(torch.float32, 2)
     ref = run(layer, "masked", x, dy, noise=noise)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -139,7 +139,7 @@ def test_float32_runs_torch_grouped_mm_itself(glu, monkeypatch):
     torch_grouped_mm = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", counting)
     x, dy, noise = inputs(torch.float32, 2)
-    run(infmoe(torch.float32, block_size=4, glu=glu), "sparse", x, dy, noise=noise)
+    run(infmoe(torch.float32, units_per_block=4, glu=glu), "sparse", x, dy, noise=noise)
     assert len(calls) == 6  # one chunk: 2 forward, 4 backward
     run(TopKMoE(D, 32, n_experts=4), "grouped", x, dy)
     assert len(calls) == 12
@@ -195,7 +195,7 @@ def test_grouped_ffn_gives_groups_without_rows_exactly_zero_gradients(
 @pytest.mark.parametrize("dtype", **PATHS)
 def test_infmoe_blocks_no_token_chose_get_exactly_zero_gradients(dtype, glu, chunking, monkeypatch):
     calls = count_grouped_mm(monkeypatch)
-    layer = infmoe(dtype, block_size=4, active_fraction=0.1, glu=glu)  # 12 blocks, 2 kept per sample
+    layer = infmoe(dtype, units_per_block=4, active_fraction=0.1, glu=glu)  # 12 blocks, 2 kept per sample
     x, dy, noise = inputs(dtype, 1, t=3)
     grads = run(layer, "sparse", x, dy, noise=noise)
     assert bool(calls) == (dtype == torch.float32)

@@ -28,15 +28,15 @@ CASES = {
     "moe-capacity": ("tiny-moe", dict(capacity_factor=1.0)),
     "moe-swiglu-shared": ("tiny-moe", dict(glu=True, n_experts=7, top_k=3, shared_experts=1,
                                            capacity_factor=1.0)),
-    "infmoe-B64-K1": ("tiny-infmoe", dict(d_hidden=512, block_size=64)),  # 8 blocks: grouped
-    "infmoe-B64-K2": ("tiny-infmoe", dict(d_hidden=1024, block_size=64, n_samples=2, active_fraction=0.25)),
-    "infmoe-B1-K1": ("tiny-infmoe", dict(block_size=1)),
-    "infmoe-B1-K4": ("tiny-infmoe", dict(block_size=1, n_samples=4)),
+    "infmoe-B64-K1": ("tiny-infmoe", dict(d_hidden=512, units_per_block=64)),  # 8 blocks: grouped
+    "infmoe-B64-K2": ("tiny-infmoe", dict(d_hidden=1024, units_per_block=64, n_samples=2, active_fraction=0.25)),
+    "infmoe-B1-K1": ("tiny-infmoe", dict(units_per_block=1)),
+    "infmoe-B1-K4": ("tiny-infmoe", dict(units_per_block=1, n_samples=4)),
     "infmoe-softmax": ("tiny-infmoe", dict(gate="softmax", n_samples=2)),
     "infmoe-constant-gate-kl": ("tiny-infmoe", dict(gate="constant", kl_weight=0.1, kl_free=0.5)),
     "infmoe-mixture": ("tiny-infmoe", dict(n_components=3, n_samples=2, mu_norm=True)),
     "infmoe-train-samples": ("tiny-infmoe", dict(train_samples=[1, 2, 4], sigma_min=0.3)),
-    "infmoe-glu-B64-K2": ("tiny-infmoe", dict(d_hidden=1024, block_size=64, n_samples=2, active_fraction=0.25,
+    "infmoe-glu-B64-K2": ("tiny-infmoe", dict(d_hidden=1024, units_per_block=64, n_samples=2, active_fraction=0.25,
                                               glu=True)),  # gated: grouped on CUDA's plan
 }
 

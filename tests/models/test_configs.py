@@ -1,9 +1,12 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from infmoe import CONFIGS, ConfigError, GPTConfig, build_model, config_names, get_config
+from infmoe.layers import FFN_TYPES, ffn_option_names
+from infmoe.training import TrainConfig
 from infmoe.params import parameter_report
 
 
@@ -63,11 +66,20 @@ def test_every_named_config_builds():
 
 
 def test_overrides_reach_fields_and_ffn_options():
-    config = get_config("tiny-infmoe", n_layer=2, d_z=8, block_size=4)
-    assert config.n_layer == 2 and config.ffn_options == {"d_z": 8, "block_size": 4}
-    assert get_config("tiny-infmoe").ffn_options == {"d_z": 16, "block_size": 64}  # the named config is untouched
+    config = get_config("tiny-infmoe", n_layer=2, d_z=8, units_per_block=4)
+    assert config.n_layer == 2 and config.ffn_options == {"d_z": 8, "units_per_block": 4}
+    assert get_config("tiny-infmoe").ffn_options == {"d_z": 16, "units_per_block": 64}  # the named config is untouched
     switched = get_config("tiny-infmoe", ffn="moe", n_experts=4, top_k=1)
     assert switched.ffn_options == {"n_experts": 4, "top_k": 1}  # old ffn's options dropped
+
+
+def test_no_ffn_option_is_named_like_a_field_or_a_training_setting():
+    """Overrides are one flat namespace (`GPTConfig.replace`, ``--key value``): an FFN option
+    named like a model field or a training setting could never be set."""
+    taken = {f.name for f in dataclasses.fields(GPTConfig)} | TrainConfig.fields()
+    for ffn, cls in FFN_TYPES.items():
+        names = set(ffn_option_names(ffn)) | set(cls.RENAMED_OPTIONS) | set(cls.RENAMED_OPTIONS.values())
+        assert not names & taken, f"ffn={ffn!r} options {sorted(names & taken)} are also fields or settings"
 
 
 def test_unknown_key_and_name_raise_clear_errors():

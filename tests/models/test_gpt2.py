@@ -121,7 +121,7 @@ def test_too_long_sequence_is_rejected():
         (dict(ffn_every=0), "ffn_every=0"),
         (dict(dropout=1.0), "dropout=1.0"),
         (dict(ffn="infmoe"), "needs the option 'd_z'"),
-        (dict(ffn="infmoe", ffn_options=dict(d_z=4, block_size=7)), "block_size=7"),
+        (dict(ffn="infmoe", ffn_options=dict(d_z=4, units_per_block=7)), "units_per_block=7"),
         (dict(ffn="dense", ffn_options=dict(d_z=4)), "ffn_options.d_z"),
     ],
 )

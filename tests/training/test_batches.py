@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from infmoe.evaluation.perplexity import eval_batches
+from infmoe.evaluation.validation import eval_batches
 from infmoe.training.batches import WindowSampler
 
 

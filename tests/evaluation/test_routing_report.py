@@ -14,7 +14,7 @@ import torch
 from infmoe.checkpoint import save_checkpoint
 from infmoe.cli import main
 from infmoe.evaluation import validation_batches
-from infmoe.evaluation.inspect import (
+from infmoe.evaluation.routing_report import (
     collect_routing, inspect_model, jaccard, pack, pairs, pca_2d, token_class, usage_entropy)
 from infmoe.layers import sampling
 from infmoe.loading import load_model
@@ -35,7 +35,7 @@ def models(tmp_path_factory, micro, corpus, cache_dir):
     root = tmp_path_factory.mktemp("inspect")
     run = root / "infmoe"
     assert main(["train", *argv(micro(run, max_steps=2, warmup_steps=1, eval_interval=2, save_interval=2,
-                                      log_interval=1, block_size=16))]) == 0
+                                      log_interval=1, units_per_block=16))]) == 0
     loaded = load_model(run)
     sizes = {k: getattr(loaded.model.config, k) for k in ("vocab_size", "n_ctx", "n_layer", "n_head", "d_model")}
     paths = {"infmoe": run / "checkpoint.safetensors", "run": run, "export": root / "export"}
@@ -230,3 +230,17 @@ def test_bad_input_is_one_line_and_exit_2(models, case, needle, tmp_path, cache_
     assert needle in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.is_dir() or not any(out.iterdir())  # nothing written
+
+
+def test_the_old_module_name_still_imports_and_warns(monkeypatch):
+    """infmoe.evaluation.inspect (shadowing the standard library's name) was documented."""
+    import importlib
+    import sys
+
+    from infmoe.deprecation import RenamedWarning
+    from infmoe.evaluation import routing_report
+
+    monkeypatch.setattr("infmoe.deprecation._warned", set())
+    monkeypatch.delitem(sys.modules, "infmoe.evaluation.inspect", raising=False)
+    with pytest.warns(RenamedWarning, match="infmoe.evaluation.inspect is now infmoe.evaluation.routing_report"):
+        assert importlib.import_module("infmoe.evaluation.inspect") is routing_report
