@@ -27,8 +27,8 @@ def main() -> None:
     d, h = args.d, args.hidden
     variants = {
         "dense, active width": DenseMLP(d, h // 2),
-        f"∞-MoE B={args.block} K=1 grouped": InfiniteMoE(d, h, d_z=48, block_size=args.block, impl="sparse"),
-        f"∞-MoE B={args.block} K=1 full": InfiniteMoE(d, h, d_z=48, block_size=args.block, impl="full"),
+        f"∞-MoE B={args.block} K=1 grouped": InfiniteMoE(d, h, d_z=48, units_per_block=args.block, impl="sparse"),
+        f"∞-MoE B={args.block} K=1 full": InfiniteMoE(d, h, d_z=48, units_per_block=args.block, impl="full"),
     }
     compiled = {name: torch.compile(layer, fullgraph=True) for name, layer in variants.items()}
     x = torch.randn(args.tokens, d, requires_grad=True)

@@ -125,7 +125,7 @@ def describe(err: BaseException) -> dict:
 
 
 def parse_model(label: str) -> tuple[str, dict]:
-    """"gpt2-small-infmoe --block_size 256" → the config name and its overrides, read as
+    """"gpt2-small-infmoe --units_per_block 256" → the config name and its overrides, read as
     ``infmoe train`` reads them."""
     from infmoe.cli import parse_overrides
 
@@ -321,7 +321,7 @@ def train_models(opts) -> list[str]:
     if opts.train_configs:
         return [label.strip() for label in opts.train_configs.split(",")]
     size = "tiny" if opts.quick else "gpt2-small"
-    return [f"{size}-dense", f"{size}-moe", f"{size}-infmoe", f"{size}-infmoe --block_size 256"]
+    return [f"{size}-dense", f"{size}-moe", f"{size}-infmoe", f"{size}-infmoe --units_per_block 256"]
 
 
 # quick: tokens per step, steps, warm-up steps, and a model small enough for seconds on a CPU
@@ -509,7 +509,7 @@ def profile(opts) -> Iterator[dict]:
     device = torch.device(opts.device)
     plan = PROFILE["quick" if opts.quick else "full"]
     for block in PROFILE_BLOCKS:
-        row = dict(config=f"{plan['config']} --block_size {block}", block=block)
+        row = dict(config=f"{plan['config']} --units_per_block {block}", block=block)
         try:
             row |= _profile(row["config"], plan, opts, device, autocast_for(opts.precision, device))
         except Exception as err:  # recorded; the next block size still runs
@@ -890,7 +890,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
                    help="another time budget for a stage (repeatable)")
     p.add_argument("--train-configs", default=None, metavar="'CONFIG [--key value],...'",
-                   help="the training stage's models instead of dense, moe, infmoe, infmoe --block_size 256")
+                   help="the training stage's models instead of dense, moe, infmoe, infmoe --units_per_block 256")
     for hidden in ("--stage", "--result", "--deadline"):  # how the parent starts a stage process
         p.add_argument(hidden, default=None, help=argparse.SUPPRESS, type=float if hidden == "--deadline" else str)
     opts = p.parse_args(argv)

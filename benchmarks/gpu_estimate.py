@@ -30,14 +30,14 @@ def main() -> None:
                                     f"est. hours for {args.tokens / 1e9:g}B tokens"], [])))
     for name in CONFIGS:
         for block in ([None, 256] if name.endswith("infmoe") else [None]):
-            config = get_config(name, **({"block_size": block} if block else {}))
+            config = get_config(name, **({"units_per_block": block} if block else {}))
             with torch.device("meta"):
                 model = GPT(config)
             train_flops = 3 * model_flops_per_token(model, 1, executed=True)
             tokens_per_s = H100_BF16_DENSE_TFLOPS * 1e12 * args.mfu / train_flops
             routed = [f for f in model.ffn_layers() if isinstance(f, InfiniteMoE)]
-            path = ("sparse" if routed[0].uses_sparse(1) else "full") + f", B={routed[0].block_size}" if routed else "-"
-            print(markdown_row([f"{name}{f' --block_size {block}' if block else ''}", path, f"{train_flops / 1e9:.2f}",
+            path = ("sparse" if routed[0].uses_sparse(1) else "full") + f", B={routed[0].units_per_block}" if routed else "-"
+            print(markdown_row([f"{name}{f' --units_per_block {block}' if block else ''}", path, f"{train_flops / 1e9:.2f}",
                                 f"{tokens_per_s:,.0f}", f"{args.tokens / tokens_per_s / 3600:.1f}"]))
 
 

@@ -37,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.d, requires_grad=True)
     _, dense_total = self_ms(torch.compile(DenseMLP(args.d, args.hidden), fullgraph=True), x)
-    layer = InfiniteMoE(args.d, args.hidden, d_z=48, block_size=1, impl="full")
+    layer = InfiniteMoE(args.d, args.hidden, d_z=48, units_per_block=1, impl="full")
     per_op, total = self_ms(torch.compile(layer, fullgraph=True), x)
     rows = [["(dense MLP of width H, whole step)", f"{dense_total:.1f}", f"{dense_total / total:.0%}"],
             *([name, f"{ms:.1f}", f"{ms / total:.0%}"] for name, ms in sorted(per_op.items(), key=lambda kv: -kv[1])

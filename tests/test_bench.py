@@ -206,7 +206,7 @@ def test_l3_size_is_read_from_sysfs_or_assumed(tmp_path):
 
 def test_weight_copies_are_equal_layers_with_memory_of_their_own():
     torch.manual_seed(0)
-    layer = InfiniteMoE(16, 64, d_z=4, block_size=8, n_samples=2)
+    layer = InfiniteMoE(16, 64, d_z=4, units_per_block=8, n_samples=2)
     copies = memory.weight_copies(layer, 3)
     x = torch.randn(5, 16)
     noise = torch.randn(2, 5, 4)
@@ -266,7 +266,7 @@ def test_full_run_has_every_table_and_every_target(full):
     assert {r["shape"] for r in result["layers"]} == {"tiny", "gpt2-small"}
     assert sorted({(r["shape"], r["tokens"]) for r in result["decode"]}) == [
         (s, t) for s in ("gpt2-small", "tiny") for t in variants.DECODE_TOKENS]
-    assert "gpt2-small-infmoe --block_size 256" in [r["config"] for r in result["models"]]
+    assert "gpt2-small-infmoe --units_per_block 256" in [r["config"] for r in result["models"]]
     # Every target is measured, but one whose layer or model did not compile (its row says so).
     unmeasured = [t for t in TARGETS if any(term not in measurements(result) for term in t.terms)]
     assert all(set(t.terms) & not_compiled(result) for t in unmeasured), [t.what for t in unmeasured]
@@ -391,8 +391,8 @@ def test_the_named_shapes_are_what_the_configs_build():
         config = get_config(f"{name}-infmoe")
         layer = build_ffn(config.ffn, config.d_model, config.ffn_hidden, config.ffn_options)
         shape = SHAPES[name]
-        assert (shape.d_model, shape.d_hidden, shape.block_size, shape.d_z) == (
-            layer.d_model, layer.d_hidden, layer.block_size, layer.d_z)
+        assert (shape.d_model, shape.d_hidden, shape.units_per_block, shape.d_z) == (
+            layer.d_model, layer.d_hidden, layer.units_per_block, layer.d_z)
 
 
 def test_bench_precision_bf16_computes_and_says_bf16(tmp_path, monkeypatch):

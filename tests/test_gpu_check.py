@@ -67,7 +67,7 @@ def test_cpu_dry_run_reports_every_stage_and_goes_on_after_failures(tmp_path):
     # The profile: both block sizes, every category, idle the rest of the wall time; no syncs
     # or GPU memory to count on the CPU.
     rows = stages["profile"]["rows"]
-    assert [r["config"] for r in rows] == ["tiny-infmoe --block_size 1", "tiny-infmoe --block_size 256"]
+    assert [r["config"] for r in rows] == ["tiny-infmoe --units_per_block 1", "tiny-infmoe --units_per_block 256"]
     for r in rows:
         assert r["ok"] and r["kernels"] == "CPU operators" and r["syncs"] is None
         assert set(r["kernel_ms"]) == {"attention", "GEMM", "selection", "gather/scatter/index", "elementwise",

@@ -41,7 +41,7 @@ def test_moe_active_counts_top_k_experts():
 
 
 def test_executed_flops_count_the_whole_ffn_where_the_masked_path_runs():
-    config = get_config("tiny-infmoe", block_size=1)  # per unit: the masked path
+    config = get_config("tiny-infmoe", units_per_block=1)  # per unit: the masked path
     with torch.device("meta"):
         model = GPT(config)
     assert not any(f.uses_sparse(1) for f in model.ffn_layers())
@@ -57,8 +57,8 @@ def test_gpu_estimate_uses_the_model_flop_count(capsys, monkeypatch):
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
     assert len(rows) == 5
     for row in rows:
-        name, *block = row[0].removeprefix("| ").split(" --block_size ")
-        config = get_config(name, **({"block_size": int(block[0])} if block else {}))
+        name, *block = row[0].removeprefix("| ").split(" --units_per_block ")
+        config = get_config(name, **({"units_per_block": int(block[0])} if block else {}))
         with torch.device("meta"):
             model = GPT(config)
         assert float(row[2]) == round(3 * model_flops_per_token(model, 1, executed=True) / 1e9, 2), row[0]

@@ -276,7 +276,7 @@ def sparse_grid(shape: Shape, repeats: int, blocks: tuple[int, ...] = GRID_BLOCK
         steps = {}
         for impl in ("sparse", "full"):
             torch.manual_seed(0)
-            layer = InfiniteMoE(shape.d_model, shape.d_hidden, d_z=shape.d_z, block_size=b, n_samples=k, impl=impl)
+            layer = InfiniteMoE(shape.d_model, shape.d_hidden, d_z=shape.d_z, units_per_block=b, n_samples=k, impl=impl)
             steps[impl] = layer_step(layer, x, True, autocast)
         times = time_all(steps, repeats)
         ratios[b, k] = times["sparse"] / times["full"]

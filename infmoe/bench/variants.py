@@ -22,7 +22,7 @@ class Shape:
     d_model: int
     d_hidden: int
     tokens: int
-    block_size: int
+    units_per_block: int
     d_z: int
 
 
@@ -75,7 +75,7 @@ def infmoe_builder(shape: Shape, block: int, samples: int | str, impl: str = "au
     """A constructor of the ∞-MoE (d, H) of `shape` with B = block and K = samples (or mode "mean")."""
     mode = "mean" if samples == "mean" else "sample"
     k = 1 if samples == "mean" else samples
-    return lambda: InfiniteMoE(shape.d_model, shape.d_hidden, d_z=shape.d_z, block_size=block, n_samples=k,
+    return lambda: InfiniteMoE(shape.d_model, shape.d_hidden, d_z=shape.d_z, units_per_block=block, n_samples=k,
                                mode=mode, impl=impl)
 
 
@@ -88,7 +88,7 @@ def dense_variants(shape: Shape) -> dict[str, Callable[[], nn.Module]]:
 def layer_variants(shape: Shape, peers: bool = True) -> dict[str, Callable[[], nn.Module]]:
     """The training table's rows: name → constructor, at the shape's widths. The peers where
     `peers` and transformers imports."""
-    d, h, b = shape.d_model, shape.d_hidden, shape.block_size
+    d, h, b = shape.d_model, shape.d_hidden, shape.units_per_block
     table = dense_variants(shape) | {infmoe_label(b, 1, configured=True): infmoe_builder(shape, b, 1)}
     table |= {infmoe_label(block, k): infmoe_builder(shape, block, k)
               for block, k in TRAIN_SETTINGS if (block, k) != (b, 1)}
@@ -116,8 +116,8 @@ def model_variants(size: str, compile: bool = False) -> dict[str, tuple[dict, bo
     the `COMPILE_MODELS` configs compiled ("<size>-infmoe --compile", as `infmoe train` spells it)."""
     variants = {f"{size}-{ffn}": (dict(name_or_config=f"{size}-{ffn}"), False) for ffn in ("dense", "moe", "infmoe")}
     if get_config(f"{size}-infmoe").ffn_options.get("units_per_block", 1) == 1:
-        variants[f"{size}-infmoe --block_size {MODEL_BLOCK}"] = (dict(name_or_config=f"{size}-infmoe",
-                                                                      block_size=MODEL_BLOCK), False)
+        variants[f"{size}-infmoe --units_per_block {MODEL_BLOCK}"] = (dict(name_or_config=f"{size}-infmoe",
+                                                                      units_per_block=MODEL_BLOCK), False)
     if compile:
         variants |= {f"{size}-{ffn} --compile": (dict(name_or_config=f"{size}-{ffn}"), True) for ffn in COMPILE_MODELS}
     return variants

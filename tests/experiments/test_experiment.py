@@ -21,7 +21,7 @@ def write_spec(tmp_path, corpus, cache_dir, **extra) -> str:
                       warmup_steps=1, eval_interval=3, eval_tokens=1024, log_interval=1, save_interval=3,
                       tensorboard=False, threads=1, n_layer=1, d_model=32, n_head=2, n_ctx=32),
         "eval": {"tokens": 1024, "samples": [1, 2]},
-        "runs": {"inf": {"config": "tiny-infmoe", "block_size": 16}, "dense": {"config": "tiny-dense"}},
+        "runs": {"inf": {"config": "tiny-infmoe", "units_per_block": 16}, "dense": {"config": "tiny-dense"}},
         "report": [{"id": "A", "runs": ["inf", "dense"]}, {"id": "C", "kind": "sweep", "runs": ["inf"]},
                    {"id": "D", "kind": "curves", "runs": ["inf", "dense"]}],
         **extra,
@@ -78,7 +78,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path, corpus, cache_
 def test_a_run_is_evaluated_where_and_as_it_trained(tmp_path, corpus, cache_dir):
     """The result records the device and precision of the evaluation: those of training
     (here the CPU in bf16 autocast), not a fixed CPU in fp32."""
-    spec = load_spec(write_spec(tmp_path, corpus, cache_dir, runs={"inf": {"config": "tiny-infmoe", "block_size": 16,
+    spec = load_spec(write_spec(tmp_path, corpus, cache_dir, runs={"inf": {"config": "tiny-infmoe", "units_per_block": 16,
                                                                            "precision": "bf16", "device": "cpu"}},
                                 report=[]))
     (job,) = spec.jobs
@@ -240,7 +240,7 @@ def test_adaptive_k_and_zeroshot_per_k_are_recorded_reported_and_reevaluated(tmp
                             for i in range(0, 480, 12)))
     evaluation = {"tokens": 1024, "samples": [1, 2], "adaptive": 4, "zeroshot_samples": [1, 2],
                   "zeroshot": {"piqa": str(task)}}
-    runs = {"inf": {"config": "tiny-infmoe", "block_size": 16, "sigma_min": 0.5, "zeroshot": True},
+    runs = {"inf": {"config": "tiny-infmoe", "units_per_block": 16, "sigma_min": 0.5, "zeroshot": True},
             "dense": {"config": "tiny-dense", "zeroshot": True}}
     report = [{"id": "Z", "kind": "zeroshot-sweep", "runs": ["inf", "dense"]}, {"id": "C", "kind": "sweep", "runs": ["inf"]}]
     spec = write_spec(tmp_path, corpus, cache_dir, eval=evaluation, runs=runs, report=report)
