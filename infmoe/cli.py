@@ -33,16 +33,13 @@ from infmoe.device import PRECISIONS, autocast_for, pick_device, uses_bf16
 from infmoe.io import atomic_paths, check_writable_file, write_text
 from infmoe.loading import LoadedModel, load_model, model_path
 from infmoe.layers import sampling
+from infmoe.layers.infinite_moe import sample_count
 from infmoe.models import config_names, get_config
 from infmoe.randomness import seeded
 from infmoe.params import parameter_report
 from infmoe.training import TrainConfig, resolve, train
 
 TASK_NAMES = list(TASKS)
-# The largest K (--samples, --max_samples) a command takes. A forward holds K draws and masks
-# per token, so memory grows with K; the paper's K are at most 16, and 1024 samples of even
-# 1% of the blocks already cover all but 0.003% of them.
-MAX_SAMPLES = 1024
 MODEL_BATCH = {"tiny": (16, 256), "gpt2-small": (1, 1024)}  # sequences x tokens per training step
 # Decoding feeds one token per step: a second CPU thread saves under 10% on an idle machine
 # and doubles the time or worse when another process holds a core (docs/speed.md).
@@ -156,12 +153,12 @@ def cmd_eval(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
     positive_int("--tokens", args.tokens)
     seed_int("--seed", args.seed)
     if adaptive:
-        _sample_count("--max_samples", args.max_samples)
+        sample_count("--max_samples", args.max_samples)
     json_path, png_path = eval_output_paths(args.out, args.model)
     for path in (json_path, png_path):
         check_writable_file(path)  # before the compute, not after
     loaded = load_for_inference(args.model, args.device)
-    _check_windows(args, loaded)
+    _check_batch_and_seq_len(args, loaded)
     source = data_source(args.data, loaded)
     device = next(loaded.model.parameters()).device
     result = evaluate_model(loaded.model, loaded.tokenizer, source, samples=samples, modes=args.mode,
@@ -204,7 +201,7 @@ def eval_output_paths(out: str | None, model: str) -> tuple[Path, Path]:
     return prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".png")
 
 
-def _check_windows(args: argparse.Namespace, loaded: LoadedModel) -> None:
+def _check_batch_and_seq_len(args: argparse.Namespace, loaded: LoadedModel) -> None:
     """--batch_size and --seq_len of eval and inspect, against the model, before any compute."""
     positive_int("--batch_size", args.batch_size)
     n_ctx = loaded.model.config.n_ctx
@@ -225,7 +222,7 @@ def cmd_inspect(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         print(f"infmoe inspect: note: {Path(args.run) / METRICS_FILE} logs no σ yet (no training step, "
               "or no ∞-MoE layer): the figures leave out σ over training", file=sys.stderr)
     loaded = load_for_inference(args.model, args.device)
-    _check_windows(args, loaded)
+    _check_batch_and_seq_len(args, loaded)
     layers = routed_layers(loaded.model, args.model)
     source = data_source(args.data, loaded)
     _, batches = validation_batches(loaded.model, loaded.tokenizer, source, max_tokens=args.tokens,
@@ -439,7 +436,7 @@ def _one_sample_setting(args: argparse.Namespace) -> tuple[int | None, str | Non
     if args.samples == "auto":
         if args.mode not in (None, "adaptive"):
             raise ConfigError(f"--samples auto chooses K per token, which --mode {args.mode} does not; drop --mode")
-        return _sample_count("--max_samples", args.max_samples), "adaptive"
+        return sample_count("--max_samples", args.max_samples), "adaptive"
     values = _int_list("--samples", args.samples)
     if len(values) != 1:
         raise ConfigError(f"--samples {args.samples!r}: give one K (e.g. 4) or auto")
@@ -452,15 +449,8 @@ def _int_list(flag: str, text: str) -> list[int]:
     except ValueError:
         raise ConfigError(f"{flag} {text!r} is not a comma-separated list of integers, e.g. 1,2,4") from None
     for value in values:
-        _sample_count(flag, value)
+        sample_count(flag, value)
     return values
-
-
-def _sample_count(flag: str, value: int) -> int:
-    """`value` if it is a K in [1, MAX_SAMPLES], else a one-line `ConfigError`."""
-    if not 1 <= value <= MAX_SAMPLES:
-        raise invalid(flag, value, f"K must be >= 1 and at most {MAX_SAMPLES}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from infmoe.cli import MAX_SAMPLES, eval_output_paths, main
+from infmoe.cli import eval_output_paths, main
+from infmoe.layers.infinite_moe import MAX_SAMPLES
 from infmoe.generation import generate
 from infmoe.models import GPT, GPTConfig
 

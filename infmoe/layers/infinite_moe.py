@@ -41,6 +41,9 @@ IMPLS = ("auto", "full", "sparse", "rows", "masked")
 # for a mean over tokens (and over the steps between two log lines), few enough to cost
 # little next to the layer at any B.
 DISAGREEMENT_TOKENS = 128
+# The largest K. A forward holds K draws and masks per token, so memory grows with K; the
+# paper's K are at most 16, and 1024 samples of even 1% of the blocks cover all but 0.003%.
+MAX_SAMPLES = 1024
 
 
 class Selection(NamedTuple):
@@ -129,7 +132,7 @@ class InfiniteMoE(FFNLayer):
         self.kl_free = real("kl_free", kl_free, low=0)
         if not isinstance(train_samples, (tuple, list)):
             raise invalid("train_samples", train_samples, "must be a list of sample counts, e.g. [1, 2, 4]")
-        self.train_samples = tuple(positive_int("train_samples", k) for k in train_samples)
+        self.train_samples = tuple(sample_count("train_samples", k) for k in train_samples)
         self.impl = choose("impl", impl, IMPLS)
         self.glu = flag("glu", glu)
         if not glu and activation not in (None, "gelu"):
@@ -192,7 +195,7 @@ class InfiniteMoE(FFNLayer):
 
     @n_samples.setter
     def n_samples(self, value: int) -> None:
-        self._n_samples = positive_int("n_samples", value)
+        self._n_samples = sample_count("n_samples", value)
 
     @property
     def mode(self) -> str:
@@ -415,6 +418,13 @@ class InfiniteMoE(FFNLayer):
             path = self.training_path(n_samples, device, dtype)
             fraction = {"grouped": min(1.0, n_samples * self.n_kept / self.n_blocks), "sparse": fraction}.get(path, 1.0)
         return router + scores + fraction * 2 * self.matrices * self.d_model * self.d_hidden
+
+
+def sample_count(field: str, value: object) -> int:
+    """`value` if it is a K in [1, MAX_SAMPLES], else a one-line `ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SAMPLES:
+        raise invalid(field, value, f"K must be >= 1 and at most {MAX_SAMPLES}")
+    return value
 
 
 def draw_train_samples(module: nn.Module) -> None:

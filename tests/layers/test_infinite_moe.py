@@ -346,8 +346,12 @@ def test_train_samples_draw_k_for_each_training_forward_only():
         layer(x)
         # inference: n_samples = 1 keeps exactly N; fp32 rounds the mean of 12 per-block shares
         assert layer.aux.stats["union_fraction"].item() == pytest.approx(0.5, abs=1e-6)
+    with pytest.raises(ConfigError, match="n_samples=0 is invalid"):
+        layer.n_samples = 0
     with pytest.raises(ConfigError, match="train_samples"):
         make(train_samples=[1, 0])
+    with pytest.raises(ConfigError, match="n_samples=0 is invalid"):
+        layer.n_samples = 0
     with pytest.raises(ConfigError, match="train_samples"):
         make(train_samples="1,2")
 
@@ -635,3 +639,17 @@ def test_block_size_is_the_old_name_of_units_per_block(monkeypatch):
     with pytest.raises(ConfigError, match="give only units_per_block"):
         make(block_size=4, units_per_block=4)
     assert "units_per_block" in ffn_option_names("infmoe") and "block_size" not in ffn_option_names("infmoe")
+
+
+def test_k_is_bounded_on_the_layer_itself():
+    from infmoe.layers.infinite_moe import MAX_SAMPLES
+
+    layer = InfiniteMoE(8, 16, d_z=2, units_per_block=4)
+    layer.n_samples = MAX_SAMPLES
+    for bad in (MAX_SAMPLES + 1, 10**9):
+        with pytest.raises(ConfigError, match=f"K must be >= 1 and at most {MAX_SAMPLES}"):
+            layer.n_samples = bad
+    with pytest.raises(ConfigError, match="n_samples=0 is invalid"):
+        layer.n_samples = 0
+    with pytest.raises(ConfigError, match="train_samples"):
+        InfiniteMoE(8, 16, d_z=2, units_per_block=4, train_samples=[1, MAX_SAMPLES + 1])
