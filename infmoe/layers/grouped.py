@@ -313,7 +313,14 @@ def static_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
     return _opaque_grouped_mm(a, b, offs)
 
 
-@torch.library.custom_op("infmoe::grouped_mm", mutates_args=())
+# An export's generated copy of this module (infmoe.hf.standalone), loaded in the same
+# process, must not define the same op again: the second definition replaces the first,
+# and when either module object is collected its op goes with it, under the other's feet.
+_OP_NAME = "infmoe::grouped_mm" if __name__ == "infmoe.layers.grouped" else \
+    "infmoe_export::grouped_mm_" + "".join(c if c.isalnum() else "_" for c in __name__)
+
+
+@torch.library.custom_op(_OP_NAME, mutates_args=())
 def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`torch._grouped_mm(a, b, offs)` as one op the compiler does not look into (its own
     fake kernel takes bf16 only): the kernel where it runs, else the loop, which reads offs
